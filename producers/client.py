@@ -1,0 +1,219 @@
+"""The producer SDK: submit jobs, follow them, get typed results. A light client: Celery
+and pydantic only, tasks sent by name, never an import of torch or the workers.
+
+    client = Client()
+    handle = client.submit(ClassifyJob(texts=["..."], labels=["sports", "finance"]))
+    result = handle.result(timeout=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+from pydantic import BaseModel
+
+from shared.celery_config import celery_config, celery_priority
+from shared.errors import JobFailed
+from shared.jobs import JobBase, parse_job
+from shared.names import CANCEL_KEY_PREFIX, IDEMPOTENCY_KEY_PREFIX, QUEUES, TASKS
+from shared.results import RESULT_MODELS, Progress
+from shared.settings import Settings
+
+JobLike = JobBase | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    state: str  # PENDING (queued or unknown), STARTED, PROGRESS, SUCCESS, FAILURE, REVOKED, RETRY
+    progress: Progress | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("SUCCESS", "FAILURE", "REVOKED")
+
+
+class JobHandle:
+    def __init__(self, client: Client, job_id: str, job_type: str | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.type = job_type
+        self._async = AsyncResult(job_id, app=client.app)
+
+    def __repr__(self) -> str:
+        return f"JobHandle(id={self.id!r}, type={self.type!r})"
+
+    def status(self) -> JobStatus:
+        state = self._async.state
+        info = self._async.info
+        progress = Progress.model_validate(info) if state == "PROGRESS" and isinstance(info, dict) else None
+        error = f"{type(info).__name__}: {info}" if state in ("FAILURE", "REVOKED") and info is not None else None
+        return JobStatus(self.id, state, progress, error)
+
+    def result_json(self, timeout: float | None = None) -> dict[str, Any]:
+        """The raw result object; raises JobFailed (with the worker's error type and message)."""
+        value = self._async.get(timeout=timeout, propagate=False, interval=0.05)
+        if self._async.state != "SUCCESS":
+            raise JobFailed(self.id, type(value).__name__ if value is not None else self._async.state, str(value))
+        if not isinstance(value, dict):
+            raise JobFailed(self.id, "BadResult", f"expected a JSON object, got {value!r}")
+        return value
+
+    def result(self, timeout: float | None = None) -> BaseModel:
+        """The typed result (ClassifyResult, TranscribeResult, ...)."""
+        value = self.result_json(timeout)
+        model = RESULT_MODELS.get(str(value.get("type", self.type)))
+        return model.model_validate(value) if model else _Untyped.model_validate(value)
+
+    def cancel(self) -> None:
+        self.client.cancel(self.id)
+
+    def forget(self) -> None:
+        self._async.forget()
+
+
+class _Untyped(BaseModel, extra="allow"):
+    pass
+
+
+class Client:
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        if redis_url:
+            self.settings = self.settings.model_copy(update={"redis_url": redis_url})
+        self.app = Celery("conveyor-producer", set_as_current=False)
+        self.app.conf.update(celery_config(self.settings))
+        self._redis: redis.Redis | None = None
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.settings.broker_url())
+        return self._redis
+
+    # -- submitting ------------------------------------------------------------------------
+    def submit(self, job: JobLike) -> JobHandle:
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Iterable[JobLike]) -> list[JobHandle]:
+        """Validate every job first (a bad one raises before anything is sent), then publish
+        them all over one connection."""
+        parsed = [job if isinstance(job, JobBase) else parse_job(job) for job in jobs]
+        handles: list[JobHandle] = []
+        with self.app.producer_or_acquire() as producer:
+            for job in parsed:
+                existing = self._claim_idempotency_key(job)
+                if existing is not None:
+                    handles.append(JobHandle(self, existing, job.type))
+                    continue
+                self.app.send_task(
+                    TASKS[job.type],
+                    args=[job.model_dump(mode="json")],
+                    task_id=job.id,
+                    queue=QUEUES[job.type],
+                    priority=celery_priority(job.priority),
+                    expires=job.deadline,
+                    producer=producer,
+                )
+                handles.append(JobHandle(self, job.id, job.type))
+        return handles
+
+    def _claim_idempotency_key(self, job: JobBase) -> str | None:
+        """None if this job is the key's first; else the id of the job that holds the key."""
+        if job.idempotency_key is None:
+            return None
+        key = IDEMPOTENCY_KEY_PREFIX + job.idempotency_key
+        if self.redis.set(key, job.id, nx=True, ex=self.settings.idempotency_ttl_s):
+            return None
+        existing = self.redis.get(key)
+        return existing.decode() if existing else None
+
+    # -- following -------------------------------------------------------------------------
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def cancel(self, job_id: str) -> None:
+        """Revoke a queued job and flag a running one; long jobs check the flag and stop."""
+        self.redis.set(CANCEL_KEY_PREFIX + job_id, datetime.now(UTC).isoformat(), ex=self.settings.result_ttl_s)
+        self.app.control.revoke(job_id)
+
+    def queue_depths(self) -> dict[str, int]:
+        depths: dict[str, int] = {}
+        for queue in sorted(set(QUEUES.values())):
+            # Celery on Redis keeps one list per priority step: "queue" and "queue:1".."queue:9".
+            names = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+            pipe = self.redis.pipeline()
+            for name in names:
+                pipe.llen(name)
+            depths[queue] = sum(pipe.execute())
+        return depths
+
+    def workers(self, timeout: float = 1.0) -> dict[str, Any]:
+        """Live workers, with their active job count and queues."""
+        inspect = self.app.control.inspect(timeout=timeout)
+        stats = inspect.stats() or {}
+        active = inspect.active() or {}
+        queues = inspect.active_queues() or {}
+        return {
+            name: {
+                "active": len(active.get(name, [])),
+                "queues": [q["name"] for q in queues.get(name, [])],
+                "concurrency": stats[name].get("pool", {}).get("max-concurrency"),
+            }
+            for name in sorted(stats)
+        }
+
+    def wait_for_workers(self, timeout: float = 120.0, queues: Sequence[str] = ()) -> list[str]:
+        """Block until a worker answers (serving ``queues`` where given)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+            ready = [
+                name for name, qs in replies.items() if not queues or set(queues) <= {q["name"] for q in qs}
+            ]
+            if ready:
+                return sorted(ready)
+            time.sleep(0.5)
+        raise TimeoutError(f"no worker answered within {timeout:.0f}s")
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio front of ``Client``: the same calls, awaited, off the event loop's thread."""
+
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        self.sync = Client(redis_url, settings)
+
+    async def submit(self, job: JobLike) -> JobHandle:
+        return await asyncio.to_thread(self.sync.submit, job)
+
+    async def submit_many(self, jobs: Iterable[JobLike]) -> list[JobHandle]:
+        return await asyncio.to_thread(self.sync.submit_many, list(jobs))
+
+    async def result(self, handle: JobHandle, timeout: float | None = None) -> BaseModel:
+        return await asyncio.to_thread(handle.result, timeout)
+
+    async def status(self, handle: JobHandle) -> JobStatus:
+        return await asyncio.to_thread(handle.status)
+
+    async def cancel(self, job_id: str) -> None:
+        await asyncio.to_thread(self.sync.cancel, job_id)

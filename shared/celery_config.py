@@ -1,0 +1,48 @@
+"""Celery configuration shared by producers and workers: JSON only, results in Redis with
+an expiry, late acknowledgement. Plain data, so ``shared`` does not import Celery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.names import QUEUES, TASKS
+from shared.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    url = settings.broker_url()
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        # JSON on the wire, both ways; pickle is refused by every consumer.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.result_ttl_s,
+        "result_extended": True,  # keeps the task name and args beside the result, for `conveyor status ID`
+        "task_track_started": True,
+        # A job is acknowledged after it ran, and put back if its worker dies mid-way.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Priorities 0-9 through Redis's per-priority lists.
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "task_routes": {TASKS[t]: {"queue": QUEUES[t]} for t in TASKS},
+        # Flower shows jobs from the moment they are queued.
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "task_default_queue": QUEUES["classify"],
+    }
+
+
+def celery_priority(priority: int) -> int:
+    """Conveyor's 9 is most urgent; Celery on Redis serves 0 first."""
+    return 9 - priority

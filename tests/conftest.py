@@ -1,0 +1,117 @@
+"""Real parts: a Redis started with Conveyor's own launcher, and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producers.local_redis import LocalRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def conveyor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("conveyor-home")
+
+
+@pytest.fixture(scope="session")
+def model_dir(conveyor_home: Path) -> Path:
+    path = conveyor_home / "models"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url(conveyor_home: Path) -> Iterator[str]:
+    server = LocalRedis(conveyor_home)
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def conveyor_env(redis_url: str, conveyor_home: Path, model_dir: Path) -> Iterator[dict[str, str]]:
+    """Point this process and its children at the test Redis and model store."""
+    env = {
+        "CONVEYOR_REDIS_URL": redis_url,
+        "CONVEYOR_HOME": str(conveyor_home),
+        "CONVEYOR_MODEL_DIR": str(model_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield dict(os.environ)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+class WorkerProcess:
+    """`python -m workers.launch` in a real process: Celery workers with real models."""
+
+    def __init__(self, env: dict[str, str], log: Path, extra: list[str] | None = None) -> None:
+        self.log = log
+        self._out = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--loglevel", "info", *(extra or [])],
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._out.close()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the supervisor and its Celery workers."""
+        try:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+@pytest.fixture(scope="session")
+def client(conveyor_env: dict[str, str]) -> Iterator["object"]:
+    from producers.client import Client
+
+    c = Client()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def worker(conveyor_env: dict[str, str], conveyor_home: Path, client: object) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(conveyor_env, conveyor_home / "worker.log")
+    try:
+        client.wait_for_workers(180, ["conveyor.classify"])  # type: ignore[attr-defined]
+    except TimeoutError:
+        proc.stop()
+        pytest.fail("worker did not start:\n" + proc.tail())
+    # Wait for the model warm-up too, so the first test does not pay for it.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "ready" not in proc.tail(100_000):
+        time.sleep(0.2)
+    yield proc
+    proc.stop()

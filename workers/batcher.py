@@ -1,0 +1,223 @@
+"""Dynamic batching, as a pure building block: no Celery, no torch.
+
+Callers ``submit`` items from any thread and get a future. One thread, the only one that
+touches the model and the device, collects items until ``max_batch_size``, or
+``max_wait_s`` after the batch's first item, or the token budget, then calls
+``run_batch(items) -> results`` (one result per item, in order; an exception instance in
+place of a result fails that item alone). If ``run_batch`` raises, each item of the batch is
+retried alone before any is failed, so one poisonous input cannot sink its batch-mates.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+I = TypeVar("I")  # noqa: E741 - item
+O = TypeVar("O")  # output
+
+RunBatch = Callable[[list[I]], Sequence[O | BaseException]]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32
+    max_wait_s: float = 0.01
+    # Padded cost: len(batch) * max(item cost) stays within it, which is what a padded
+    # forward pass actually computes. None: no budget.
+    token_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[O]):
+    """An item's output and the size of the batch it rode in."""
+
+    value: O
+    batch_size: int
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    sizes: Counter[int] = field(default_factory=Counter)
+    whole_batch_failures: int = 0
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.sizes[size] += 1
+
+
+@dataclass
+class _Pending(Generic[I, O]):
+    item: I
+    cost: int
+    future: Future[Batched[O]]
+
+
+_STOP = object()
+
+
+class Batcher(Generic[I, O]):
+    def __init__(
+        self,
+        run_batch: RunBatch[I, O],
+        policy: BatchPolicy,
+        cost: Callable[[I], int] | None = None,
+        name: str = "batcher",
+        sort_by_cost: bool = True,
+    ) -> None:
+        self._run_batch = run_batch
+        self.policy = policy
+        self._cost = cost or (lambda _item: 1)
+        self._sort = sort_by_cost
+        self.name = name
+        self.stats = BatchStats()
+        self._queue: queue.SimpleQueue[_Pending[I, O] | object] = queue.SimpleQueue()
+        self._carry: _Pending[I, O] | None = None  # an item that did not fit the last batch's budget
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> Batcher[I, O]:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Finish the items already submitted, then stop the batching thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout)
+
+    def __enter__(self) -> Batcher[I, O]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- producer side ---------------------------------------------------------------
+    def submit(self, item: I) -> Future[Batched[O]]:
+        future: Future[Batched[O]] = Future()
+        try:
+            cost = max(1, int(self._cost(item)))
+        except Exception as exc:  # a cost function that chokes on an item fails that item only
+            future.set_exception(exc)
+            return future
+        self._queue.put(_Pending(item, cost, future))
+        return future
+
+    def submit_many(self, items: Sequence[I]) -> list[Future[Batched[O]]]:
+        return [self.submit(item) for item in items]
+
+    # -- the batching thread -----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _next(self, timeout: float | None) -> _Pending[I, O] | object | None:
+        if self._carry is not None:
+            carried, self._carry = self._carry, None
+            return carried
+        try:
+            if timeout is None:
+                return self._queue.get()
+            if timeout <= 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _collect(self) -> list[_Pending[I, O]] | None:
+        """Block for a first item, then gather more until a limit is reached. None: stop."""
+        first = self._next(None)
+        if first is _STOP:
+            return None
+        assert isinstance(first, _Pending)
+        batch: list[_Pending[I, O]] = []
+        max_cost = 0
+        if first.future.set_running_or_notify_cancel():
+            batch.append(first)
+            max_cost = first.cost
+        deadline = time.monotonic() + self.policy.max_wait_s
+        budget = self.policy.token_budget
+        while len(batch) < self.policy.max_batch_size:
+            nxt = self._next(deadline - time.monotonic())
+            if nxt is None:
+                break
+            if nxt is _STOP:
+                self._queue.put(_STOP)  # stop after this batch
+                break
+            assert isinstance(nxt, _Pending)
+            if budget is not None and batch and (len(batch) + 1) * max(max_cost, nxt.cost) > budget:
+                self._carry = nxt  # it leads the next batch
+                break
+            if not nxt.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            batch.append(nxt)
+            max_cost = max(max_cost, nxt.cost)
+        return batch
+
+    def _run(self, batch: list[_Pending[I, O]]) -> None:
+        if self._sort and len(batch) > 1:
+            batch = sorted(batch, key=lambda p: p.cost)  # neighbours of similar length pad less
+        size = len(batch)
+        self.stats.record(size)
+        try:
+            results = list(self._run_batch([p.item for p in batch]))
+            if len(results) != size:
+                raise RuntimeError(f"runner returned {len(results)} results for {size} items")
+        except Exception as exc:
+            if size == 1:
+                batch[0].future.set_exception(exc)
+                return
+            self.stats.whole_batch_failures += 1
+            log.warning("%s: a batch of %d raised %r; retrying its items one by one", self.name, size, exc)
+            for pending in batch:
+                self._run_alone(pending)
+            return
+        for pending, result in zip(batch, results):
+            _settle(pending.future, result, size)
+
+    def _run_alone(self, pending: _Pending[I, O]) -> None:
+        self.stats.record(1)
+        try:
+            results = list(self._run_batch([pending.item]))
+            if len(results) != 1:
+                raise RuntimeError(f"runner returned {len(results)} results for 1 item")
+            _settle(pending.future, results[0], 1)
+        except Exception as exc:
+            pending.future.set_exception(exc)
+
+
+def _settle(future: Future[Batched[O]], result: O | BaseException, size: int) -> None:
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(Batched(result, size))

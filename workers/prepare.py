@@ -1,0 +1,25 @@
+"""`conveyor models prepare`: put the default models into the store, from files on disk.
+
+Idempotent: a model already in the store is left alone.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from shared.model_store import ModelStore
+from shared.settings import Settings
+
+
+def main() -> int:
+    from workers.whisper_convert import prepare_default_models
+
+    store = ModelStore(Settings().models_path)
+    for line in prepare_default_models(store):
+        print(line)
+    print(f"model store: {store.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
