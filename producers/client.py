@@ -28,6 +28,7 @@ from shared.results import RESULT_MODELS, Progress
 from shared.settings import Settings
 
 JobLike = JobBase | dict[str, Any]
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ class Client:
     def queue_depths(self) -> dict[str, int]:
         depths: dict[str, int] = {}
         for queue in sorted(set(QUEUES.values())):
-            # Celery on Redis keeps one list per priority step: "queue" and "queue:1".."queue:9".
-            names = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+            # Celery on Redis keeps one list per priority step: "queue", then "queue" + sep + step.
+            names = [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
             pipe = self.redis.pipeline()
             for name in names:
                 pipe.llen(name)

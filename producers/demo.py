@@ -76,6 +76,8 @@ def demo_audio() -> tuple[str, bytes] | None:
 def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
     work = settings.home / "demo"
     work.mkdir(parents=True, exist_ok=True)
+    print("waiting for workers ...", flush=True)
+    client.wait_for_workers(300, ["conveyor.classify"])
     registered = _registered_tasks(client)
     steps: list[tuple[str, Callable[[], JobBase | None]]] = [
         ("classify", lambda: ClassifyJob(

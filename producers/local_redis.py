@@ -88,7 +88,9 @@ class LocalRedis:
             "--protected-mode", "yes",
             "--logfile", str(data_dir / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         self.url = f"redis://:{password}@127.0.0.1:{port}/0"
         deadline = time.monotonic() + timeout
         while not ping(self.url):

@@ -28,9 +28,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
-            # Priorities 0-9 through Redis's per-priority lists.
+            # Sweep for a dead worker's jobs every few seconds (kombu's default is ~100 s).
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+            # Priorities 0-9 through Redis's per-priority lists. kombu's default separator is
+            # kept: every Celery client must agree on it, or their bindings do not parse.
             "priority_steps": list(range(10)),
-            "sep": ":",
             "queue_order_strategy": "priority",
         },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},

@@ -44,9 +44,10 @@ class Settings(BaseSettings):
     )
     result_ttl_s: int = Field(default=86_400, ge=60, description="How long results stay in Redis (seconds).")
     visibility_timeout_s: int = Field(
-        default=43_200,
-        ge=60,
-        description="Seconds before an unacknowledged job is redelivered; must exceed the longest job.",
+        default=300,
+        ge=5,
+        description="Seconds after which a job held by a dead worker is redelivered. Live workers renew "
+        "the lease of every job they hold, so long jobs are not redelivered while they run.",
     )
     idempotency_ttl_s: int = Field(
         default=86_400, ge=1, description="How long an idempotency key maps to its first job (seconds)."

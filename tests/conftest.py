@@ -30,6 +30,18 @@ def model_dir(conveyor_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prepared_models(model_dir: Path) -> Path:
+    """The default models built into the test store, as `conveyor models prepare` does."""
+    out = subprocess.run(
+        [sys.executable, "-m", "producers.cli", "models", "prepare"],
+        env=dict(os.environ, CONVEYOR_MODEL_DIR=str(model_dir), HF_HUB_OFFLINE="1"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return model_dir
+
+
+@pytest.fixture(scope="session")
 def redis_url(conveyor_home: Path) -> Iterator[str]:
     server = LocalRedis(conveyor_home)
     url = server.start()
@@ -103,7 +115,7 @@ def client(conveyor_env: dict[str, str]) -> Iterator["object"]:
 
 @pytest.fixture(scope="session")
 def worker(conveyor_env: dict[str, str], conveyor_home: Path, client: object) -> Iterator[WorkerProcess]:
-    proc = WorkerProcess(conveyor_env, conveyor_home / "worker.log")
+    proc = WorkerProcess(conveyor_env, conveyor_home / "worker.log", ["--only", "inference"])
     try:
         client.wait_for_workers(180, ["conveyor.classify"])  # type: ignore[attr-defined]
     except TimeoutError:

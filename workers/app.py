@@ -7,11 +7,14 @@ import logging
 import threading
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
+from celery.worker import state as worker_state
 
 from shared.celery_config import celery_config
 from shared.settings import Settings
+from workers.leases import LeaseKeeper
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ app.conf.update(
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+_leases: LeaseKeeper | None = None
 
 
 def runtime() -> Runtime:
@@ -39,6 +43,23 @@ def runtime() -> Runtime:
         if _runtime is None:
             _runtime = Runtime(settings)
         return _runtime
+
+
+def _held_delivery_tags() -> list[str]:
+    for _ in range(5):  # the sets change under us as jobs come and go; a retry is enough
+        try:
+            requests = list(worker_state.reserved_requests) + list(worker_state.active_requests)
+            return [str(r.delivery_info.get("delivery_tag")) for r in requests if r.delivery_info]
+        except RuntimeError:
+            continue
+    return []
+
+
+@worker_ready.connect
+def _start_leases(**_: Any) -> None:
+    global _leases
+    client = redis.Redis.from_url(settings.broker_url())
+    _leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
 
 
 @worker_ready.connect
@@ -54,6 +75,8 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
 
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
+    if _leases is not None:
+        _leases.stop()
     if _runtime is not None:
         _runtime.stop()
 

@@ -80,12 +80,13 @@ class WorkerSpec:
         ]  # fmt: skip
 
 
-def plan(devices: list[str], settings: Settings, training: bool = True) -> list[WorkerSpec]:
+def plan(devices: list[str], settings: Settings, inference: bool = True, training: bool = True) -> list[WorkerSpec]:
     host = socket.gethostname()
     specs = []
     for device in devices:
         label = "cpu" if device == "cpu" else f"gpu{device}"
-        specs.append(WorkerSpec(f"{label}@{host}", device, INFERENCE_QUEUES, settings.concurrency()))
+        if inference:
+            specs.append(WorkerSpec(f"{label}@{host}", device, INFERENCE_QUEUES, settings.concurrency()))
         if training:
             # Long jobs one at a time per device, in their own process, so inference keeps flowing.
             specs.append(WorkerSpec(f"train-{label}@{host}", device, (TRAINING_QUEUE,), 1))
@@ -142,13 +143,16 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor worker", description=__doc__)
     parser.add_argument("--devices", default=Settings().devices, help="auto, cpu, or GPU indices like 0,1")
-    parser.add_argument("--no-training", action="store_true", help="serve inference queues only")
+    parser.add_argument(
+        "--only", choices=["inference", "training"], help="serve only the inference queues or only the training queue"
+    )
     parser.add_argument("--loglevel", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
     settings.broker_url()  # fail early, with the message that says how to configure Redis
-    specs = plan(parse_devices(args.devices), settings, training=not args.no_training)
+    only = args.only
+    specs = plan(parse_devices(args.devices), settings, inference=only != "training", training=only != "inference")
     return Supervisor(specs, args.loglevel).run()
 
 

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.errors import JobExpired
-from shared.jobs import ClassifyJob, JobBase
+from shared.jobs import ClassifyJob, JobBase, RecommendJob, TranscribeJob
 from shared.model_store import ModelStore
-from shared.results import ClassifyResult, JobMeta
+from shared.results import ClassifyResult, JobMeta, RecommendResult, TranscribeResult
 from shared.settings import Settings
 from workers.batcher import Batched, Batcher, BatchPolicy
 from workers.model_cache import ModelCache
@@ -89,6 +89,69 @@ class Runtime:
             job_id=job.id,
             results=[o.value for o in outs],
             meta=self.meta(job, worker, model_ref or EMBEDDER, outs, started, picked_at),
+        )
+
+    # -- transcribe ----------------------------------------------------------------------
+    def transcribe_batcher(self) -> Batcher[Any, Any]:
+        def build() -> Batcher[Any, Any]:
+            from workers.runners.transcribe import TranscribeRunner
+
+            runner = TranscribeRunner(self.store, self.cache, self.device)
+            # Each item is one 30 s window: the batch size bounds the windows per generate call.
+            return Batcher(runner.run_batch, self.policy, cost=runner.cost, name="transcribe-batcher")
+
+        return self.batcher("transcribe", build)
+
+    def transcribe(self, job: TranscribeJob, worker: str) -> TranscribeResult:
+        from workers.audio import SAMPLE_RATE, load_job_audio
+        from workers.runners.transcribe import DecodeOptions, split_windows, stitch
+
+        started = time.monotonic()
+        picked_at = datetime.now(UTC)
+        check_deadline(job)
+        version = self.store.resolve(job.model)  # fail fast on an unknown model, before decoding audio
+        options = DecodeOptions.from_job(job)
+        options = DecodeOptions(version.ref, options.language, options.beam_size, options.max_new_tokens,
+                                options.timestamps)  # fmt: skip
+        audio = load_job_audio(job)  # decoding happens in this task thread, in parallel with the model
+        windows = split_windows(audio, options)
+        outs = wait_all(self.transcribe_batcher().submit_many(windows))
+        text, segments = stitch(windows, [o.value for o in outs])
+        return TranscribeResult(
+            job_id=job.id,
+            text=text,
+            duration_s=round(audio.numel() / SAMPLE_RATE, 3),
+            language=outs[0].value.language,
+            segments=segments if job.timestamps else None,
+            meta=self.meta(job, worker, version.ref, outs, started, picked_at),
+        )
+
+    # -- recommend -----------------------------------------------------------------------
+    def recommend_batcher(self) -> Batcher[Any, Any]:
+        def build() -> Batcher[Any, Any]:
+            from workers.runners.recommend import RecommendRunner
+
+            runner = RecommendRunner(self.store, self.cache, self.device)
+            # Users from many jobs share one matrix product; the batch is wider than for text.
+            policy = BatchPolicy(max(self.policy.max_batch_size, 512), self.policy.max_wait_s, None)
+            return Batcher(runner.run_batch, policy, cost=runner.cost, name="recommend-batcher")
+
+        return self.batcher("recommend", build)
+
+    def recommend(self, job: RecommendJob, worker: str) -> RecommendResult:
+        from workers.runners.recommend import RecommendItem
+
+        started = time.monotonic()
+        picked_at = datetime.now(UTC)
+        check_deadline(job)
+        ref = self.store.resolve(job.model).ref  # pin @latest for the whole job
+        candidates = tuple(job.candidates) if job.candidates else None
+        items = [RecommendItem(ref, user, job.k, job.exclude_seen, candidates) for user in job.users]
+        outs = wait_all(self.recommend_batcher().submit_many(items))
+        return RecommendResult(
+            job_id=job.id,
+            results=[o.value for o in outs],
+            meta=self.meta(job, worker, ref, outs, started, picked_at),
         )
 
     def meta(

@@ -13,7 +13,7 @@ from celery import Task
 from pydantic import ValidationError
 
 from shared.errors import InvalidJob, JobCancelled, JobExpired, ModelNotFound, describe_validation_error
-from shared.jobs import ClassifyJob, JobBase
+from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.names import TASKS
 from workers.app import app, runtime
 
@@ -50,3 +50,31 @@ def _worker_name(task: Task) -> str:
 def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     job = decode_job(ClassifyJob, self, args, kwargs)
     return runtime().classify(job, _worker_name(self)).model_dump(mode="json")
+
+
+@app.task(name=TASKS["transcribe"], bind=True, throws=EXPECTED)
+def transcribe(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    job = decode_job(TranscribeJob, self, args, kwargs)
+    return runtime().transcribe(job, _worker_name(self)).model_dump(mode="json")
+
+
+@app.task(name=TASKS["recommend"], bind=True, throws=EXPECTED)
+def recommend(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    job = decode_job(RecommendJob, self, args, kwargs)
+    return runtime().recommend(job, _worker_name(self)).model_dump(mode="json")
+
+
+@app.task(name=TASKS["train"], bind=True, throws=EXPECTED)
+def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    from workers.long_jobs import run_long_job
+
+    job = decode_job(TrainJob, self, args, kwargs)
+    return run_long_job(self, job, runtime(), _worker_name(self)).model_dump(mode="json")
+
+
+@app.task(name=TASKS["fine-tune"], bind=True, throws=EXPECTED)
+def fine_tune(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    from workers.long_jobs import run_long_job
+
+    job = decode_job(FineTuneJob, self, args, kwargs)
+    return run_long_job(self, job, runtime(), _worker_name(self)).model_dump(mode="json")

@@ -125,7 +125,7 @@ def _map_state_dict(variables: dict[str, torch.Tensor], num_layers: dict[str, in
     def put_split(prefix: str, names: list[str], weight: torch.Tensor, bias: torch.Tensor) -> None:
         for proj, w, b in zip(names, weight.chunk(len(names)), bias.chunk(len(names))):
             state[f"{prefix}.{proj}.weight"] = w
-            if proj != "k_proj" and not proj.endswith(".k_proj"):  # Whisper's key projections have no bias
+            if proj != "k_proj":  # Whisper's key projections have no bias (CTranslate2 stores zeros)
                 state[f"{prefix}.{proj}.bias"] = b
 
     for side in ("encoder", "decoder"):
@@ -172,8 +172,10 @@ def _num_heads(variables: dict[str, torch.Tensor], side: str) -> int:
 # -- tokenizer, configs -----------------------------------------------------------------------
 def _build_tokenizer(src: Path, dst: Path) -> WhisperTokenizer:
     tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
-    first_timestamp = tokenizer.token_to_id("<|notimestamps|>") + 1
-    if tokenizer.get_vocab_size(with_added_tokens=True) == first_timestamp:
+    no_timestamps = tokenizer.token_to_id("<|notimestamps|>")
+    if no_timestamps is None:
+        raise ValueError(f"{src}/tokenizer.json has no <|notimestamps|>; not a Whisper tokenizer")
+    if tokenizer.get_vocab_size(with_added_tokens=True) == no_timestamps + 1:
         # faster-whisper's tokenizer.json stops at <|notimestamps|>; transformers' Whisper
         # tokenizer has the timestamp tokens as (non-special) added tokens right after it.
         tokenizer.add_tokens(
@@ -188,7 +190,13 @@ def _build_configs(
 ) -> tuple[WhisperConfig, GenerationConfig]:
     vocab_size, d_model = variables["decoder/embeddings/weight"].shape
     conv1 = variables["encoder/conv1/weight"]
-    ids = tokenizer.convert_tokens_to_ids
+
+    def ids(token: str) -> int:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int) or found == tokenizer.unk_token_id and token != "<|endoftext|>":
+            raise ValueError(f"the tokenizer has no {token}")
+        return found
+
     eot, sot, no_ts = ids("<|endoftext|>"), ids("<|startoftranscript|>"), ids("<|notimestamps|>")
     # English-only checkpoints have a vocabulary one short of the multilingual 51865.
     multilingual = vocab_size >= 51865
@@ -279,9 +287,10 @@ def default_source() -> Path:
 
 
 def prepare_default_models(store: ModelStore) -> list[str]:
-    """Convert and publish whisper-tiny.en unless the store has it. Returns the refs published."""
-    if store.versions(DEFAULT_MODEL_NAME):
-        return []
+    """Convert and publish whisper-tiny.en unless the store has it. One line per model: what was done."""
+    existing = store.versions(DEFAULT_MODEL_NAME)
+    if existing:
+        return [f"{existing[-1].ref}: already in the store"]
     built = store.staging()
     try:
         convert_ct2_whisper(default_source(), built)
@@ -289,4 +298,4 @@ def prepare_default_models(store: ModelStore) -> list[str]:
     except BaseException:
         store.discard(built)
         raise
-    return [version.ref]
+    return [f"{version.ref}: converted from {DEFAULT_SOURCE}"]

@@ -24,6 +24,7 @@ from workers.model_cache import ModelCache
 from workers.training.recommender import FACTORS_FILE, ITEMS_FILE, POPULARITY_FILE, USERS_FILE
 
 RECOMMENDER_KIND = "recommender"
+_NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ def _recommend(model: LoadedRecommender, items: list[RecommendItem]) -> list[Use
 
     scores = model.user_factors[rows] @ model.item_factors.T  # the group's one matrix product
     scores = torch.where(known_user[:, None], scores, model.popularity.expand(len(live), -1))
-    exclude = torch.tensor([row is not None and items[n].exclude_seen for n, row in zip(live, user_rows)], device=device)
+    exclude = torch.tensor(
+        [row is not None and items[n].exclude_seen for n, row in zip(live, user_rows)], device=device
+    )
     _mask_seen(scores, model, rows, exclude)
     _mask_non_candidates(scores, [allowed[n] for n in live])
 
@@ -151,9 +154,9 @@ def _recommend(model: LoadedRecommender, items: list[RecommendItem]) -> list[Use
     values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
     for pos, n in enumerate(live):
         ranked = [
-            ScoredItem(item=model.items[i], score=float(s))
+            ScoredItem(item=model.items[i], score=s)
             for s, i in zip(values[pos][: items[n].k], indices[pos][: items[n].k])
-            if s != float("-inf")
+            if s != _NEG_INF
         ]
         outs[n] = UserRecommendations(user=items[n].user, items=ranked, fallback=user_rows[pos] is None)
     return [out if out is not None else RuntimeError("no result") for out in outs]
@@ -169,7 +172,9 @@ def _mask_seen(scores: torch.Tensor, model: LoadedRecommender, rows: torch.Tenso
     local = torch.repeat_interleave(torch.arange(len(rows), device=scores.device), lengths)
     first = torch.cumsum(lengths, 0) - lengths  # where each row's run begins in the flat list
     position = torch.arange(total, device=scores.device) - first[local] + starts[local]
-    scores[local, model.seen_indices[position]] = float("-inf")
+    # One fill on the flat view: much faster than 2-D advanced indexing on CPU.
+    flat = local * scores.shape[1] + model.seen_indices[position]
+    scores.view(-1).index_fill_(0, flat, _NEG_INF)
 
 
 def _mask_non_candidates(scores: torch.Tensor, allowed: list[torch.Tensor | None]) -> None:
@@ -180,7 +185,7 @@ def _mask_non_candidates(scores: torch.Tensor, allowed: list[torch.Tensor | None
     keep[restricted] = False
     for n in restricted:
         keep[n, allowed[n].to(scores.device)] = True  # type: ignore[union-attr]
-    scores.masked_fill_(~keep, float("-inf"))
+    scores.masked_fill_(~keep, _NEG_INF)
 
 
 def recommend_in_process(

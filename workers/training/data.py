@@ -137,6 +137,7 @@ def read_labeled_texts(
     label_column: str = "label",
     min_rows: int = MIN_LABELED_ROWS,
     field: str = "data_path",
+    min_classes: int = 2,
 ) -> LabeledTexts:
     path = _existing_file(path, field)
     header, records = _open_table(path)
@@ -148,14 +149,11 @@ def read_labeled_texts(
     texts: list[str] = []
     labels: list[str] = []
     for line, record in records:
-        text = _cell(record, text_column, path, line, strip=False)
-        if not text.strip():
-            raise InvalidJob(f"{path}, line {line}: the text in column {text_column!r} is blank")
-        texts.append(text)
+        texts.append(_cell(record, text_column, path, line, strip=False))
         labels.append(_cell(record, label_column, path, line))
     if len(texts) < min_rows:
         raise InvalidJob(f"{path}: too few rows: {len(texts)}, at least {min_rows} needed")
-    if len(set(labels)) < 2:
+    if len(set(labels)) < min_classes:
         raise InvalidJob(f"{path}: every row has the label {labels[0]!r}; a classifier needs at least 2 classes")
     return LabeledTexts(texts, labels, file_sha256(path))
 

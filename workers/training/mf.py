@@ -86,8 +86,12 @@ class BprTrainer:
         self.device = device
         self.steps = math.ceil(data.size / batch_size)
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.user_emb = (torch.randn(data.n_users, factors, generator=self.gen, device=device) * INIT_STD).requires_grad_()
-        self.item_emb = (torch.randn(data.n_items, factors, generator=self.gen, device=device) * INIT_STD).requires_grad_()
+        self.user_emb = (
+            torch.randn(data.n_users, factors, generator=self.gen, device=device) * INIT_STD
+        ).requires_grad_()
+        self.item_emb = (
+            torch.randn(data.n_items, factors, generator=self.gen, device=device) * INIT_STD
+        ).requires_grad_()
         self.item_bias = torch.zeros(data.n_items, device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.user_emb, self.item_emb, self.item_bias], lr=lr)
         self._user = torch.from_numpy(data.user).to(device)

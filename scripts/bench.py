@@ -1,0 +1,234 @@
+"""Benchmarks, measured side by side in one run (these machines are shared and noisy):
+variants are interleaved, repeated, and reported as medians and ratios.
+
+    .venv/bin/python scripts/bench.py classify [--rounds 3] [--n 400]
+
+classify: (1) raw in-process throughput at each batch size (best reported, and batch size 1),
+(2) Conveyor end to end with many concurrent producers, (3) plain Celery with one task per
+text and no batching. Prints items/s, p50/p99 latency for (2) and (3), and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+from producers.client import Client  # noqa: E402
+from producers.local_redis import LocalRedis  # noqa: E402
+
+LABELS = ["spam or advertising", "personal message", "work or business", "finance"]
+
+
+@dataclass
+class Run:
+    items_per_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _utc(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class Stack:
+    """A private Redis, a Conveyor worker and a plain-Celery worker, all real processes."""
+
+    def __init__(self, home: Path, batch_size: int) -> None:
+        self.redis = LocalRedis(home)
+        url = self.redis.start()
+        self.env = dict(
+            os.environ,
+            CONVEYOR_REDIS_URL=url,
+            CONVEYOR_HOME=str(home),
+            CONVEYOR_MAX_BATCH_SIZE=str(batch_size),
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=f"{ROOT}:{ROOT / 'scripts'}",
+        )
+        self.env.setdefault("CONVEYOR_MODEL_DIR", str(home / "models"))
+        os.environ.update({k: self.env[k] for k in ("CONVEYOR_REDIS_URL", "CONVEYOR_HOME", "CONVEYOR_MODEL_DIR")})
+        log = open(home / "workers.log", "ab")
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--only", "inference", "--loglevel", "warning"],
+                env=self.env, stdout=log, stderr=log, cwd=ROOT,
+            ),
+            subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "plain_celery_worker", "worker", "-P", "solo", "-Q", "plain",
+                 "-n", "plain@%h", "-l", "warning", "--without-gossip", "--without-mingle"],
+                env=self.env, stdout=log, stderr=log, cwd=ROOT / "scripts",
+            ),
+        ]  # fmt: skip
+        self.client = Client()
+        try:
+            self.client.wait_for_workers(180, ["conveyor.classify"])
+            self.client.wait_for_workers(180, ["plain"])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(60)
+        self.client.close()
+        self.redis.stop()
+
+
+def concurrent_submit(n: int, producers: int, submit: Callable[[int], Any]) -> list[tuple[float, Any]]:
+    """`producers` threads share the n submissions; returns (submit time, handle) in index order."""
+    out: list[tuple[float, Any] | None] = [None] * n
+
+    def work(offset: int) -> None:
+        for i in range(offset, n, producers):
+            t = time.time()
+            out[i] = (t, submit(i))
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in range(producers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return [o for o in out if o is not None]
+
+
+def finish(sent: list[tuple[float, Any]], get: Callable[[Any], Any], count: Callable[[Any], int]) -> Run:
+    start = min(t for t, _ in sent)
+    latencies, items, end = [], 0, start
+    for t, handle in sent:
+        value = get(handle)
+        items += count(value)
+        done = _utc(handle.date_done).timestamp()
+        end = max(end, done)
+        latencies.append((done - t) * 1000.0)
+    return Run(items / (end - start), latencies)
+
+
+# -- classify -----------------------------------------------------------------------------
+def load_texts(n: int) -> list[str]:
+    path = SHARED_DATA / "sms_spam" / "SMSSpamCollection.tsv"
+    texts: list[str] = []
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                if len(row) == 2 and row[1].strip():
+                    texts.append(row[1])
+    if not texts:  # a fresh machine without ../shared: varied generated texts
+        texts = [f"Message {i}: meet me at {i % 12} for the {['game', 'report', 'sale'][i % 3]}" for i in range(n)]
+    return (texts * (n // len(texts) + 1))[:n]
+
+
+def bench_classify(args: argparse.Namespace) -> None:
+    from shared.jobs import ClassifyJob
+    from shared.model_store import ModelStore
+    from workers.model_cache import ModelCache
+    from workers.runners.classify import ClassifyItem, ClassifyRunner
+
+    texts = load_texts(args.n)
+    runner = ClassifyRunner(ModelStore(Path(tempfile.mkdtemp())), ModelCache(8 << 30))
+    runner.warm_up()
+    items = [ClassifyItem(t, tuple(LABELS), None, None, "This text is about {}.") for t in texts]
+
+    def raw(batch_size: int) -> Run:
+        subset = items if batch_size > 1 else items[: max(50, args.n // 4)]
+        started = time.perf_counter()
+        for s in range(0, len(subset), batch_size):
+            runner.run_batch(subset[s : s + batch_size])
+        return Run(len(subset) / (time.perf_counter() - started))
+
+    with tempfile.TemporaryDirectory() as home:
+        stack = Stack(Path(home), args.batch_size)
+        try:
+            client = stack.client
+
+            def conveyor() -> Run:
+                sent = concurrent_submit(
+                    len(texts), args.producers,
+                    lambda i: client.submit(ClassifyJob(texts=[texts[i]], labels=LABELS))._async,
+                )  # fmt: skip
+                return finish(sent, lambda h: h.get(timeout=600), lambda v: len(v["results"]))
+
+            def plain() -> Run:
+                sent = concurrent_submit(
+                    len(texts), args.producers,
+                    lambda i: client.app.send_task("plain.classify", args=[texts[i], LABELS], queue="plain"),
+                )  # fmt: skip
+                return finish(sent, lambda h: h.get(timeout=600), lambda v: 1)
+
+            conveyor(), plain()  # warm both workers
+            variants: dict[str, Callable[[], Run]] = {f"raw batch {b}": (lambda b=b: raw(b)) for b in args.sizes}
+            variants["conveyor"] = conveyor
+            variants["plain celery"] = plain
+            report(run_rounds(variants, args.rounds), args)
+        finally:
+            stack.close()
+
+
+def run_rounds(variants: dict[str, Callable[[], Run]], rounds: int) -> dict[str, list[Run]]:
+    results: dict[str, list[Run]] = {name: [] for name in variants}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))  # interleave, alternate order
+        for name in order:
+            results[name].append(variants[name]())
+            print(f"  round {r + 1}: {name}: {results[name][-1].items_per_s:.1f} items/s", flush=True)
+    return results
+
+
+def report(results: dict[str, list[Run]], args: argparse.Namespace) -> None:
+    med = {name: statistics.median(r.items_per_s for r in runs) for name, runs in results.items()}
+    raw_names = [n for n in med if n.startswith("raw batch")]
+    best = max(raw_names, key=lambda n: med[n])
+    raw1 = med.get("raw batch 1", float("nan"))
+    print(f"\n{args.kind}: medians of {args.rounds} interleaved rounds, {args.n} items each")
+    for name in med:
+        line = f"  {name:<16} {med[name]:8.1f} items/s"
+        lat = [x for r in results[name] for x in r.latencies_ms]
+        if lat:
+            line += f"   p50 {percentile(lat, 0.5):8.1f} ms   p99 {percentile(lat, 0.99):8.1f} ms"
+        print(line)
+    gain = med[best] / raw1
+    print(f"  (1) raw best = {best} ({med[best]:.1f}/s); raw gain of batching (best / batch 1) = {gain:.2f}")
+    print(f"  (2)/(1) conveyor / raw best      = {med['conveyor'] / med[best]:.2f}   (goal >= 0.9)")
+    print(f"  (2)/(3) conveyor / plain celery  = {med['conveyor'] / med['plain celery']:.2f}   "
+          f"(goal >= 0.9 x raw gain = {0.9 * gain:.2f})")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["classify"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--n", type=int, default=400, help="items per variant per round")
+    parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")
+    parser.add_argument("--batch-size", type=int, default=32, help="Conveyor's CONVEYOR_MAX_BATCH_SIZE")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64], help="raw batch sizes")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    {"classify": bench_classify}[args.kind](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Long jobs end to end, with real training-queue workers: resume after kill -9, cancel,
+progress, and a fine-tuned model served by classify at once under NAME@latest."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers.client import Client
+from shared.errors import JobFailed
+from shared.jobs import ClassifyJob, FineTuneJob, RecommendJob, TrainJob
+from shared.model_store import ModelStore
+from shared.results import ClassifyResult, RecommendResult, TrainingResult
+from conftest import SHARED_DATA, WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+VISIBILITY_S = 8  # a killed worker's job comes back within this (plus one 5 s sweep)
+
+
+def _ml100k() -> Path:
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("recbole (MovieLens 100K inside the package) is not installed; scripts/test installs it")
+    path = Path(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k", "ml-100k.inter")
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    return path
+
+
+def _sms_slice(path: Path, per_class: int) -> Path:
+    source = SHARED_DATA / "sms_spam" / "SMSSpamCollection.tsv"
+    if not source.exists():
+        pytest.skip(f"{source} missing")
+    rows: dict[str, list[str]] = {"ham": [], "spam": []}
+    with source.open(newline="", encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) == 2 and len(rows[row[0]]) < per_class:
+                rows[row[0]].append(row[1])
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label, texts in rows.items():
+            writer.writerows((t, label) for t in texts)
+    return path
+
+
+@pytest.fixture()
+def training_worker(conveyor_env: dict[str, str], conveyor_home: Path, client: Client) -> Iterator[Any]:
+    """Start training-queue workers on demand; each is stopped (or was killed) at the end."""
+    started: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        env = dict(conveyor_env, CONVEYOR_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S))
+        proc = WorkerProcess(env, conveyor_home / f"train-worker-{len(started)}.log", ["--only", "training"])
+        started.append(proc)
+        client.wait_for_workers(180, ["conveyor.training"])
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def _wait_for_epoch(client: Client, job_id: str, epoch: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = client.job(job_id).status()
+        if st.progress is not None and st.progress.epoch >= epoch:
+            return
+        assert st.state not in ("SUCCESS", "FAILURE"), f"job ended before epoch {epoch}: {st}"
+        time.sleep(0.2)
+    raise AssertionError(f"no progress past epoch {epoch} within {timeout}s")
+
+
+def test_training_resumes_from_its_checkpoint_after_kill_9(client: Client, training_worker: Any, worker: Any) -> None:
+    first = training_worker()
+    job = TrainJob(interactions_path=str(_ml100k()), output_name="resumed-recs", model_type="bpr",
+                   factors=32, epochs=6, batch_size=1024, learning_rate=0.01)  # fmt: skip
+    handle = client.submit(job)
+    _wait_for_epoch(client, job.id, 2)  # two epochs checkpointed
+    first.kill()  # SIGKILL: no ack, no warm shutdown
+    training_worker()
+    result = handle.result(timeout=600)
+    assert isinstance(result, TrainingResult)
+    assert result.resumed_from_epoch >= 2, result
+    assert result.resumed_from_epoch + result.epochs_run == job.epochs
+    assert result.model == "resumed-recs@1"
+    assert result.metrics["recall@10"] > 0
+
+    # The trained model serves recommend jobs straight away, known and unknown users alike.
+    recs = client.submit(RecommendJob(users=["1", "2", "nobody"], k=5, model="resumed-recs")).result(timeout=120)
+    assert isinstance(recs, RecommendResult)
+    assert [len(r.items) for r in recs.results] == [5, 5, 5]
+    assert [r.fallback for r in recs.results] == [False, False, True]
+
+
+def test_cancel_stops_training_within_seconds_and_registers_nothing(
+    client: Client, training_worker: Any, model_dir: Path
+) -> None:
+    training_worker()
+    job = TrainJob(interactions_path=str(_ml100k()), output_name="cancelled-recs", epochs=200, batch_size=1024)
+    handle = client.submit(job)
+    _wait_for_epoch(client, job.id, 1)
+    asked = time.monotonic()
+    handle.cancel()
+    with pytest.raises(JobFailed) as failed:
+        handle.result(timeout=60)
+    assert failed.value.error_type == "JobCancelled"
+    assert time.monotonic() - asked < 15
+    assert "cancelled-recs" not in ModelStore(model_dir).names()
+
+
+def test_bad_training_data_fails_before_training_with_a_clear_error(
+    client: Client, training_worker: Any, tmp_path: Path
+) -> None:
+    training_worker()
+    one_class = tmp_path / "one-class.csv"
+    one_class.write_text("text,label\nhello,a\nthere,a\nagain,a\n")
+    missing = tmp_path / "missing-column.csv"
+    missing.write_text("body,label\nhello,a\nthere,b\n")
+    cases = [
+        (FineTuneJob(data_path=str(one_class), output_name="x"), "one class"),
+        (FineTuneJob(data_path=str(missing), output_name="x"), "text"),
+        (FineTuneJob(data_path=str(tmp_path / "nope.csv"), output_name="x"), "nope.csv"),
+        (TrainJob(interactions_path=str(missing), output_name="y"), "user"),
+    ]
+    handles = client.submit_many([job for job, _ in cases])
+    for handle, (_, needle) in zip(handles, cases):
+        with pytest.raises(JobFailed) as failed:
+            handle.result(timeout=120)
+        assert failed.value.error_type == "InvalidJob"
+        assert needle in failed.value.message.lower() or needle in failed.value.message
+
+
+def test_fine_tuned_model_is_served_by_classify_at_once_as_latest(
+    client: Client, training_worker: Any, worker: Any, tmp_path: Path
+) -> None:
+    training_worker()
+    data = _sms_slice(tmp_path / "sms.csv", per_class=120)
+    # Settings measured to learn on a slice this small (batch 16 at lr 2e-4 learned nothing).
+    settings = {"batch_size": 8, "learning_rate": 1e-4, "max_length": 48}
+    tuned = client.submit(
+        FineTuneJob(data_path=str(data), output_name="sms-filter", epochs=1, **settings)
+    ).result(timeout=900)
+    assert isinstance(tuned, TrainingResult)
+    assert tuned.model.startswith("sms-filter@")
+    assert tuned.metrics["accuracy"] > 0.8 and "macro_f1" in tuned.metrics
+    texts = ["WINNER!! Claim your free prize now, text CLAIM to 80082", "Ok see you at home later tonight"]
+    served = client.submit(ClassifyJob(texts=texts, model="sms-filter@latest")).result(timeout=120)
+    assert isinstance(served, ClassifyResult)
+    assert served.meta.model == tuned.model
+    assert [r.labels[0].label for r in served.results] == ["spam", "ham"]
+
+    again = client.submit(
+        FineTuneJob(data_path=str(data), output_name="sms-filter", epochs=1, seed=1, **settings)
+    ).result(timeout=900)
+    assert isinstance(again, TrainingResult) and again.version == tuned.version + 1
+    newest = client.submit(ClassifyJob(texts=texts[:1], model="sms-filter")).result(timeout=120)
+    assert isinstance(newest, ClassifyResult) and newest.meta.model == again.model  # no worker restart
