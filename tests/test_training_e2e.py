@@ -122,11 +122,11 @@ def test_bad_training_data_fails_before_training_with_a_clear_error(
 ) -> None:
     training_worker()
     one_class = tmp_path / "one-class.csv"
-    one_class.write_text("text,label\nhello,a\nthere,a\nagain,a\n")
+    one_class.write_text("text,label\n" + "".join(f"message {i},a\n" for i in range(20)))
     missing = tmp_path / "missing-column.csv"
-    missing.write_text("body,label\nhello,a\nthere,b\n")
+    missing.write_text("body,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(20)))
     cases = [
-        (FineTuneJob(data_path=str(one_class), output_name="x"), "one class"),
+        (FineTuneJob(data_path=str(one_class), output_name="x"), "at least 2 classes"),
         (FineTuneJob(data_path=str(missing), output_name="x"), "text"),
         (FineTuneJob(data_path=str(tmp_path / "nope.csv"), output_name="x"), "nope.csv"),
         (TrainJob(interactions_path=str(missing), output_name="y"), "user"),
