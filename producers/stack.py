@@ -55,7 +55,7 @@ class Stack:
                 url = self.redis.start()
         env = dict(os.environ, CONVEYOR_REDIS_URL=url)
         self.children.append(
-            subprocess.Popen([sys.executable, "-m", "workers.launch", "--devices", self.devices], env=env)
+            subprocess.Popen([sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"], env=env)
         )
         if self.with_flower and importlib.util.find_spec("flower") is not None:
             user, password = flower_login(self.settings)

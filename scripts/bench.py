@@ -6,6 +6,13 @@ variants are interleaved, repeated, and reported as medians and ratios.
 classify: (1) raw in-process throughput at each batch size (best reported, and batch size 1),
 (2) Conveyor end to end with many concurrent producers, (3) plain Celery with one task per
 text and no batching. Prints items/s, p50/p99 latency for (2) and (3), and the ratios.
+
+transcribe: audio seconds per wall second for (1) raw in-process batched generate at each
+batch size, (2) Conveyor with all jobs in flight at once, (3) one job at a time through
+Conveyor.
+
+recommend: users/s for (1) raw in-process top-k at each batch size, (2) Conveyor with
+many concurrent jobs (1 user per job, and many users per job); training samples/s per epoch.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ def _utc(value: Any) -> datetime:
 class Stack:
     """A private Redis, a Conveyor worker and a plain-Celery worker, all real processes."""
 
-    def __init__(self, home: Path, batch_size: int) -> None:
+    def __init__(self, home: Path, batch_size: int, plain: bool = True) -> None:
         self.redis = LocalRedis(home)
         url = self.redis.start()
         self.env = dict(
@@ -73,19 +80,22 @@ class Stack:
         log = open(home / "workers.log", "ab")
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--only", "inference", "--loglevel", "warning"],
+                [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--only", "inference", "--loglevel", "warning",
+                 "--exit-with-parent"],
                 env=self.env, stdout=log, stderr=log, cwd=ROOT,
             ),
-            subprocess.Popen(
+        ]  # fmt: skip
+        if plain:
+            self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "plain_celery_worker", "worker", "-P", "solo", "-Q", "plain",
                  "-n", "plain@%h", "-l", "warning", "--without-gossip", "--without-mingle"],
                 env=self.env, stdout=log, stderr=log, cwd=ROOT / "scripts",
-            ),
-        ]  # fmt: skip
+            ))  # fmt: skip
         self.client = Client()
         try:
             self.client.wait_for_workers(180, ["conveyor.classify"])
-            self.client.wait_for_workers(180, ["plain"])
+            if plain:
+                self.client.wait_for_workers(180, ["plain"])
         except BaseException:
             self.close()
             raise
@@ -198,18 +208,26 @@ def run_rounds(variants: dict[str, Callable[[], Run]], rounds: int) -> dict[str,
     return results
 
 
-def report(results: dict[str, list[Run]], args: argparse.Namespace) -> None:
+def medians(results: dict[str, list[Run]], args: argparse.Namespace, unit: str = "items/s") -> dict[str, float]:
     med = {name: statistics.median(r.items_per_s for r in runs) for name, runs in results.items()}
-    raw_names = [n for n in med if n.startswith("raw batch")]
-    best = max(raw_names, key=lambda n: med[n])
-    raw1 = med.get("raw batch 1", float("nan"))
-    print(f"\n{args.kind}: medians of {args.rounds} interleaved rounds, {args.n} items each")
+    print(f"\n{args.kind}: medians of {args.rounds} interleaved rounds")
     for name in med:
-        line = f"  {name:<16} {med[name]:8.1f} items/s"
+        line = f"  {name:<26} {med[name]:10.1f} {unit}"
         lat = [x for r in results[name] for x in r.latencies_ms]
         if lat:
             line += f"   p50 {percentile(lat, 0.5):8.1f} ms   p99 {percentile(lat, 0.99):8.1f} ms"
         print(line)
+    return med
+
+
+def best_raw(med: dict[str, float]) -> str:
+    return max((n for n in med if n.startswith("raw batch")), key=lambda n: med[n])
+
+
+def report(results: dict[str, list[Run]], args: argparse.Namespace) -> None:
+    med = medians(results, args)
+    best = best_raw(med)
+    raw1 = med.get("raw batch 1", float("nan"))
     gain = med[best] / raw1
     print(f"  (1) raw best = {best} ({med[best]:.1f}/s); raw gain of batching (best / batch 1) = {gain:.2f}")
     print(f"  (2)/(1) conveyor / raw best      = {med['conveyor'] / med[best]:.2f}   (goal >= 0.9)")
@@ -217,17 +235,150 @@ def report(results: dict[str, list[Run]], args: argparse.Namespace) -> None:
           f"(goal >= 0.9 x raw gain = {0.9 * gain:.2f})")  # fmt: skip
 
 
+# -- transcribe ---------------------------------------------------------------------------
+def load_clips() -> list[Path]:
+    clips = sorted((SHARED_DATA / "speech" / "clips").glob("*.flac"))
+    if not clips:
+        import importlib.util
+
+        spec = importlib.util.find_spec("moonshine_voice")
+        if spec and spec.submodule_search_locations:
+            clips = sorted(Path(next(iter(spec.submodule_search_locations)), "assets").glob("*.wav"))
+    if not clips:
+        raise SystemExit("no speech clips found (../shared/data/speech or the moonshine-voice wheel)")
+    return clips
+
+
+def bench_transcribe(args: argparse.Namespace) -> None:
+    import soundfile
+
+    from shared.jobs import TranscribeJob
+    from shared.model_store import ModelStore
+    from workers.model_cache import ModelCache
+    from workers.runners.transcribe import TranscribeRunner, transcribe_jobs
+    from workers.whisper_convert import prepare_default_models
+
+    clips = (load_clips() * 2)[: max(args.n, 1)] if args.n < 24 else load_clips() * 2
+    audio_s = sum(soundfile.info(str(c)).duration for c in clips)
+    with tempfile.TemporaryDirectory() as home:
+        store = ModelStore(Path(home) / "models")
+        prepare_default_models(store)
+        os.environ["CONVEYOR_MODEL_DIR"] = str(store.root)
+        runner = TranscribeRunner(store, ModelCache(8 << 30), "cpu")
+        jobs = [TranscribeJob(audio_path=str(c)) for c in clips]
+
+        def raw(batch_size: int) -> Run:
+            started = time.perf_counter()
+            for s in range(0, len(jobs), batch_size):
+                for out in transcribe_jobs(runner, jobs[s : s + batch_size]):
+                    if isinstance(out, Exception):
+                        raise out
+            return Run(audio_s / (time.perf_counter() - started))
+
+        stack = Stack(Path(home), args.batch_size, plain=False)
+        try:
+            client = stack.client
+
+            def conveyor() -> Run:
+                sent = concurrent_submit(
+                    len(clips), args.producers, lambda i: client.submit(TranscribeJob(audio_path=str(clips[i])))._async
+                )
+                run = finish(sent, lambda h: h.get(timeout=1200), lambda v: 1)
+                return Run(run.items_per_s * audio_s / len(clips), run.latencies_ms)
+
+            def one_at_a_time() -> Run:
+                started = time.time()
+                latencies = []
+                for clip in clips:
+                    t = time.time()
+                    client.submit(TranscribeJob(audio_path=str(clip))).result(timeout=600)
+                    latencies.append((time.time() - t) * 1000.0)
+                return Run(audio_s / (time.time() - started), latencies)
+
+            conveyor()  # warm the worker's model
+            variants: dict[str, Callable[[], Run]] = {f"raw batch {b}": (lambda b=b: raw(b)) for b in args.sizes}
+            variants["conveyor"] = conveyor
+            variants["conveyor one at a time"] = one_at_a_time
+            med = medians(run_rounds(variants, args.rounds), args, unit="audio s/s")
+        finally:
+            stack.close()
+    best = best_raw(med)
+    print(f"  {len(clips)} clips, {audio_s:.1f} s of audio per variant; raw best = {best}")
+    print(f"  (2)/(3) conveyor / one at a time = {med['conveyor'] / med['conveyor one at a time']:.2f}   (goal >= 3)")
+    print(f"  (2)/(1) conveyor / raw best      = {med['conveyor'] / med[best]:.2f}   (goal >= 0.9)")
+
+
+# -- recommend ----------------------------------------------------------------------------
+def bench_recommend(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from shared.jobs import RecommendJob, TrainJob
+    from shared.model_store import ModelStore
+    from workers.model_cache import ModelCache
+    from workers.runners.recommend import RecommendRunner, recommend_in_process
+    from workers.training.recommender import train_recommender
+
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("recbole (MovieLens 100K) is not installed: pip install --no-deps recbole")
+    data = Path(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k", "ml-100k.inter")
+    with tempfile.TemporaryDirectory() as home:
+        store = ModelStore(Path(home) / "models")
+        os.environ["CONVEYOR_MODEL_DIR"] = str(store.root)
+        print("training samples/s per epoch on MovieLens 100K:")
+        for model_type in ("bpr", "als"):
+            job = TrainJob(interactions_path=str(data), output_name=f"ml-{model_type}", model_type=model_type, epochs=5)
+            outcome = train_recommender(job, store, Path(home) / f"ckpt-{model_type}", lambda p: None, lambda: False)
+            print(f"  {model_type}: {outcome.extra['samples_per_s']:,.0f} samples/s, "
+                  f"{outcome.extra['seconds_per_epoch']:.2f} s/epoch, recall@10 {outcome.metrics['recall@10']:.4f} "
+                  f"(popular {outcome.metrics['popular_recall@10']:.4f})")  # fmt: skip
+        runner = RecommendRunner(store, ModelCache(8 << 30), "cpu")
+        users = [str(u) for u in range(1, 944)]
+        users = (users * (args.n // len(users) + 1))[: max(args.n, 1000)]
+
+        def raw(batch_size: int) -> Run:
+            subset = users if batch_size > 1 else users[:300]
+            started = time.perf_counter()
+            recommend_in_process(runner, subset, "ml-als", k=10, batch_size=batch_size)
+            return Run(len(subset) / (time.perf_counter() - started))
+
+        stack = Stack(Path(home), args.batch_size, plain=False)
+        try:
+            client = stack.client
+
+            def conveyor(per_job: int) -> Run:
+                groups = [users[i : i + per_job] for i in range(0, len(users), per_job)]
+                sent = concurrent_submit(
+                    len(groups), args.producers,
+                    lambda i: client.submit(RecommendJob(users=groups[i], k=10, model="ml-als"))._async,
+                )  # fmt: skip
+                return finish(sent, lambda h: h.get(timeout=600), lambda v: len(v["results"]))
+
+            conveyor(1)
+            variants: dict[str, Callable[[], Run]] = {f"raw batch {b}": (lambda b=b: raw(b)) for b in (1, 64, 512)}
+            for per_job in (1, 100):
+                variants[f"conveyor {per_job} user/job"] = lambda p=per_job: conveyor(p)
+            med = medians(run_rounds(variants, args.rounds), args, unit="users/s")
+        finally:
+            stack.close()
+    best = best_raw(med)
+    for per_job in (1, 100):
+        name = f"conveyor {per_job} user/job"
+        print(f"  {name} / raw best ({best}) = {med[name] / med[best]:.2f}   (goal >= 0.9)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["classify"])
+    parser.add_argument("kind", choices=["classify", "transcribe", "recommend"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=400, help="items per variant per round")
     parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")
     parser.add_argument("--batch-size", type=int, default=32, help="Conveyor's CONVEYOR_MAX_BATCH_SIZE")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64], help="raw batch sizes")
+    parser.add_argument("--sizes", type=int, nargs="+", help="raw batch sizes (default per kind)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"classify": bench_classify}[args.kind](args)
+    args.sizes = args.sizes or {"classify": [1, 8, 16, 32, 64], "transcribe": [1, 4, 8, 12]}.get(args.kind, [])
+    {"classify": bench_classify, "transcribe": bench_transcribe, "recommend": bench_recommend}[args.kind](args)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class WorkerProcess:
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--loglevel", "info", *(extra or [])],
+            [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--loglevel", "info", "--exit-with-parent", *(extra or [])],
             env=env,
             stdout=self._out,
             stderr=subprocess.STDOUT,

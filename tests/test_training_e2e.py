@@ -92,6 +92,7 @@ def test_training_resumes_from_its_checkpoint_after_kill_9(client: Client, train
     assert result.resumed_from_epoch >= 2, result
     assert result.resumed_from_epoch + result.epochs_run == job.epochs
     assert result.model == "resumed-recs@1"
+    assert client.queue_depths()["conveyor.training"] == 0  # leases held: nothing redelivered twice
     assert result.metrics["recall@10"] > 0
 
     # The trained model serves recommend jobs straight away, known and unknown users alike.
@@ -151,6 +152,8 @@ def test_fine_tuned_model_is_served_by_classify_at_once_as_latest(
     ).result(timeout=900)
     assert isinstance(tuned, TrainingResult)
     assert tuned.model.startswith("sms-filter@")
+    # It ran for many visibility timeouts; the worker's lease kept it from being redelivered.
+    assert client.queue_depths()["conveyor.training"] == 0
     assert tuned.metrics["accuracy"] > 0.8 and "macro_f1" in tuned.metrics
     texts = ["WINNER!! Claim your free prize now, text CLAIM to 80082", "Ok see you at home later tonight"]
     served = client.submit(ClassifyJob(texts=texts, model="sms-filter@latest")).result(timeout=120)

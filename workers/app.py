@@ -49,7 +49,8 @@ def _held_delivery_tags() -> list[str]:
     for _ in range(5):  # the sets change under us as jobs come and go; a retry is enough
         try:
             requests = list(worker_state.reserved_requests) + list(worker_state.active_requests)
-            return [str(r.delivery_info.get("delivery_tag")) for r in requests if r.delivery_info]
+            tags = (getattr(r.message, "delivery_tag", None) for r in requests)
+            return [str(tag) for tag in tags if tag]
         except RuntimeError:
             continue
     return []

@@ -94,8 +94,9 @@ def plan(devices: list[str], settings: Settings, inference: bool = True, trainin
 
 
 class Supervisor:
-    def __init__(self, specs: list[WorkerSpec], loglevel: str = "info") -> None:
+    def __init__(self, specs: list[WorkerSpec], loglevel: str = "info", exit_with_parent: bool = False) -> None:
         self.specs = specs
+        self.exit_with_parent = exit_with_parent
         self.loglevel = loglevel
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
@@ -110,8 +111,12 @@ class Supervisor:
         for spec in self.specs:
             self._start(spec)
         restarts: dict[str, float] = {}
+        parent = os.getppid()
         while not self.stopping:
             time.sleep(0.5)
+            if self.exit_with_parent and os.getppid() != parent:  # our owner died: do not linger as orphans
+                log.warning("parent process exited; stopping workers")
+                break
             for spec in self.specs:
                 child = self.children[spec.node]
                 if child.poll() is not None and not self.stopping:
@@ -147,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         "--only", choices=["inference", "training"], help="serve only the inference queues or only the training queue"
     )
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us ends")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
     settings.broker_url()  # fail early, with the message that says how to configure Redis
     only = args.only
     specs = plan(parse_devices(args.devices), settings, inference=only != "training", training=only != "inference")
-    return Supervisor(specs, args.loglevel).run()
+    return Supervisor(specs, args.loglevel, args.exit_with_parent).run()
 
 
 if __name__ == "__main__":
