@@ -173,12 +173,13 @@ def test_run_batch_returns_an_exception_per_bad_window(
     good = split_windows(audio, OPTIONS)[0]
     unknown_model = split_windows(audio, DecodeOptions(model="no-such-model"))[0]
     french = split_windows(audio, DecodeOptions(model="whisper-tiny.en", language="fr"))[0]
+    beam = split_windows(audio, DecodeOptions(model="whisper-tiny.en", beam_size=3, max_new_tokens=20))[0]
 
-    results = transcribe_runner.run_batch([good, unknown_model, french, good])
+    results = transcribe_runner.run_batch([good, unknown_model, french, beam, good])
 
     assert isinstance(results[1], ModelNotFound)
     assert isinstance(results[2], InvalidJob) and "English-only" in str(results[2])
-    for ok in (results[0], results[3]):
+    for ok in (results[0], results[3], results[4]):
         assert isinstance(ok, WindowOutput)
         assert eval_transcribe.normalize(ok.text) == "he could wait no longer"
 
