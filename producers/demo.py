@@ -112,7 +112,7 @@ def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
             print(f"   failed: {exc}")
             failures += 1
             continue
-        print(json.dumps(_summary(result), indent=2))
+        print(json.dumps(_summary(result)))
     return 1 if failures else 0
 
 
@@ -129,8 +129,20 @@ def _registered_tasks(client: Client) -> set[str]:
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The result, less the bulky parts: label lists cut to the best three."""
+    """The result, made short enough to read: best label per text, item ids per user."""
     out = dict(result)
-    if out.get("type") == "classify":
-        out["results"] = [{"labels": r["labels"][:3]} for r in out["results"]]
+    kind = out.get("type")
+    if kind == "classify":
+        out["results"] = [
+            {"label": r["labels"][0]["label"], "score": round(r["labels"][0]["score"], 3)} for r in out["results"]
+        ]
+    elif kind == "recommend":
+        out["results"] = [
+            {"user": r["user"], "items": [i["item"] for i in r["items"]], "fallback": r["fallback"]}
+            for r in out["results"]
+        ]
+    if isinstance(out.get("meta"), dict):
+        meta = out.pop("meta")
+        out["ran"] = {k: meta[k] for k in ("worker", "model", "batch_sizes", "run_ms") if k in meta}
+    out.pop("extra", None)
     return out
