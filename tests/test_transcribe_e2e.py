@@ -37,14 +37,17 @@ def test_many_jobs_share_batches_and_a_corrupt_one_fails_alone(
         bad.result(timeout=300)
     assert failed.value.error_type == "InvalidJob" and "audio_b64" in failed.value.message
     batch_sizes: list[int] = []
+    errors = words = 0
     for clip, handle in zip(clips, handles):
         result = handle.result(timeout=600)
         assert isinstance(result, TranscribeResult)
-        wer = eval_transcribe.wer(clip["transcript"], result.text)
-        # tiny.en scored 0-14 % per clip on these clips in scripts/eval_transcribe.py
-        assert wer < 0.25, (clip["file"], result.text)
-        assert result.meta.model == "whisper-tiny.en@1"
+        assert result.job_id == handle.id and result.meta.model == "whisper-tiny.en@1"
+        score = eval_transcribe.score(clip["transcript"], result.text)
+        errors, words = errors + score.errors, words + score.ref_words
         batch_sizes += result.meta.batch_sizes
+    # tiny.en: 5.8 % WER over all 12 clips in scripts/eval_transcribe.py; a wrong pairing of
+    # results to jobs would be near 100 %.
+    assert errors / words <= 0.12
     assert max(batch_sizes) > 1, "no two jobs shared a generate call"
 
 
@@ -59,5 +62,5 @@ def test_cli_transcribes_a_file_with_timestamps(
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert eval_transcribe.wer(clip["transcript"], result["text"]) < 0.25
+    assert eval_transcribe.score(clip["transcript"], result["text"]).wer <= 0.2
     assert result["segments"] and result["segments"][-1]["end"] <= result["duration_s"] + 0.5
