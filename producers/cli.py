@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import JOB_MODELS

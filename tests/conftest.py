@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,17 @@ from producers.local_redis import LocalRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def ml100k() -> Path:
+    """MovieLens 100K, read from inside the recbole package (research terms: not copied here)."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("recbole is not installed (pip install --no-deps recbole): no MovieLens 100K file")
+    path = Path(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k", "ml-100k.inter")
+    if not path.exists():
+        pytest.skip(f"{path} is missing from the recbole package")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,12 @@ resume, and batched serving with RecommendRunner."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ml100k
 from safetensors.torch import load_file
 
 from shared.errors import InvalidJob, JobCancelled, ModelNotFound
@@ -22,16 +22,6 @@ from workers.training.loop import TrainingOutcome
 from workers.training.recommender import train_recommender
 
 pytestmark = pytest.mark.slow
-
-
-def ml100k() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("recbole is not installed (pip install --no-deps recbole): no MovieLens 100K file")
-    path = Path(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k", "ml-100k.inter")
-    if not path.exists():
-        pytest.skip(f"{path} is missing from the recbole package")
-    return path
 
 
 @pytest.fixture(scope="module")

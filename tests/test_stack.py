@@ -13,8 +13,8 @@ from base64 import b64encode
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from producers.local_redis import free_port
 
 pytestmark = pytest.mark.slow

@@ -4,26 +4,16 @@ real files (MovieLens 100K from the recbole package) read correctly; checkpoints
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ml100k
 
 from shared.errors import InvalidJob
 from workers.training import checkpoint
 from workers.training.data import read_interactions, read_labeled_texts
-
-
-def ml100k() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("recbole is not installed (pip install --no-deps recbole): no MovieLens 100K file")
-    path = Path(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k", "ml-100k.inter")
-    if not path.exists():
-        pytest.skip(f"{path} is missing from the recbole package")
-    return path
 
 
 def write(path: Path, text: str) -> Path:

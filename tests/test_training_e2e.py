@@ -4,34 +4,23 @@ progress, and a fine-tuned model served by classify at once under NAME@latest.""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SHARED_DATA, WorkerProcess, ml100k
 
 from producers.client import Client
 from shared.errors import JobFailed
 from shared.jobs import ClassifyJob, FineTuneJob, RecommendJob, TrainJob
 from shared.model_store import ModelStore
 from shared.results import ClassifyResult, RecommendResult, TrainingResult
-from conftest import SHARED_DATA, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
 VISIBILITY_S = 8  # a killed worker's job comes back within this (plus one 5 s sweep)
-
-
-def _ml100k() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("recbole (MovieLens 100K inside the package) is not installed; scripts/test installs it")
-    path = Path(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k", "ml-100k.inter")
-    if not path.exists():
-        pytest.skip(f"{path} missing")
-    return path
 
 
 def _sms_slice(path: Path, per_class: int) -> Path:
@@ -81,7 +70,7 @@ def _wait_for_epoch(client: Client, job_id: str, epoch: int, timeout: float = 30
 
 def test_training_resumes_from_its_checkpoint_after_kill_9(client: Client, training_worker: Any, worker: Any) -> None:
     first = training_worker()
-    job = TrainJob(interactions_path=str(_ml100k()), output_name="resumed-recs", model_type="bpr",
+    job = TrainJob(interactions_path=str(ml100k()), output_name="resumed-recs", model_type="bpr",
                    factors=32, epochs=6, batch_size=1024, learning_rate=0.01)  # fmt: skip
     handle = client.submit(job)
     _wait_for_epoch(client, job.id, 2)  # two epochs checkpointed
@@ -106,7 +95,7 @@ def test_cancel_stops_training_within_seconds_and_registers_nothing(
     client: Client, training_worker: Any, model_dir: Path
 ) -> None:
     training_worker()
-    job = TrainJob(interactions_path=str(_ml100k()), output_name="cancelled-recs", epochs=200, batch_size=1024)
+    job = TrainJob(interactions_path=str(ml100k()), output_name="cancelled-recs", epochs=200, batch_size=1024)
     handle = client.submit(job)
     _wait_for_epoch(client, job.id, 1)
     asked = time.monotonic()

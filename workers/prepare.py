@@ -5,6 +5,7 @@ Idempotent: a model already in the store is left alone.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from shared.model_store import ModelStore
@@ -12,6 +13,7 @@ from shared.settings import Settings
 
 
 def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
     from workers.whisper_convert import prepare_default_models
 
     store = ModelStore(Settings().models_path)
