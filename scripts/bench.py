@@ -198,13 +198,13 @@ def bench_classify(args: argparse.Namespace) -> None:
             stack.close()
 
 
-def run_rounds(variants: dict[str, Callable[[], Run]], rounds: int) -> dict[str, list[Run]]:
+def run_rounds(variants: dict[str, Callable[[], Run]], rounds: int, unit: str = "items/s") -> dict[str, list[Run]]:
     results: dict[str, list[Run]] = {name: [] for name in variants}
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # interleave, alternate order
         for name in order:
             results[name].append(variants[name]())
-            print(f"  round {r + 1}: {name}: {results[name][-1].items_per_s:.1f} items/s", flush=True)
+            print(f"  round {r + 1}: {name}: {results[name][-1].items_per_s:.1f} {unit}", flush=True)
     return results
 
 
@@ -299,7 +299,7 @@ def bench_transcribe(args: argparse.Namespace) -> None:
             variants: dict[str, Callable[[], Run]] = {f"raw batch {b}": (lambda b=b: raw(b)) for b in args.sizes}
             variants["conveyor"] = conveyor
             variants["conveyor one at a time"] = one_at_a_time
-            med = medians(run_rounds(variants, args.rounds), args, unit="audio s/s")
+            med = medians(run_rounds(variants, args.rounds, "audio s/s"), args, unit="audio s/s")
         finally:
             stack.close()
     best = best_raw(med)
@@ -358,7 +358,7 @@ def bench_recommend(args: argparse.Namespace) -> None:
             variants: dict[str, Callable[[], Run]] = {f"raw batch {b}": (lambda b=b: raw(b)) for b in (1, 64, 512)}
             for per_job in (1, 100):
                 variants[f"conveyor {per_job} user/job"] = lambda p=per_job: conveyor(p)
-            med = medians(run_rounds(variants, args.rounds), args, unit="users/s")
+            med = medians(run_rounds(variants, args.rounds, "users/s"), args, unit="users/s")
         finally:
             stack.close()
     best = best_raw(med)
