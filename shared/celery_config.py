@@ -21,7 +21,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "result_expires": settings.result_ttl_s,
         "result_extended": True,  # keeps the task name and args beside the result, for `conveyor status ID`
-        "task_track_started": True,
+        # STARTED is recorded for long jobs only (their tasks set track_started): for a
+        # millisecond inference job it is one more Redis write per job and tells nobody anything.
+        "task_track_started": False,
         # A job is acknowledged after it ran, and put back if its worker dies mid-way.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

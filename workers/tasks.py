@@ -64,7 +64,7 @@ def recommend(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return runtime().recommend(job, _worker_name(self)).model_dump(mode="json")
 
 
-@app.task(name=TASKS["train"], bind=True, throws=EXPECTED)
+@app.task(name=TASKS["train"], bind=True, throws=EXPECTED, track_started=True)
 def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     from workers.long_jobs import run_long_job
 
@@ -72,7 +72,7 @@ def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return run_long_job(self, job, runtime(), _worker_name(self)).model_dump(mode="json")
 
 
-@app.task(name=TASKS["fine-tune"], bind=True, throws=EXPECTED)
+@app.task(name=TASKS["fine-tune"], bind=True, throws=EXPECTED, track_started=True)
 def fine_tune(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     from workers.long_jobs import run_long_job
 
