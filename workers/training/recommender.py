@@ -143,29 +143,25 @@ def train_recommender(
     baseline = ranking_metrics(lambda u: train_popularity.expand(len(u), -1), split, dev)
     pacer.check()  # a cancel during evaluation still publishes nothing
 
-    built = store.staging()
-    try:
-        _write_model(built, data, users_f, items_f)
-        metadata: dict[str, Any] = {
-            "kind": "recommender",
-            "model_type": job.model_type,
-            "factors": job.factors,
-            "job_id": job.id,
-            "data_sha256": data.sha256,
-            "metrics": metrics,
-            "baseline": {"name": "most-popular", **baseline},
-            "parent": None,
-            "epochs": job.epochs,
-            "users": len(data.users),
-            "items": len(data.items),
-            "interactions": len(data.user),
-            "eval_users": len(split.eval_users),
-            "holdout": job.holdout,
-        }
-        version = store.publish(job.output_name, built, metadata)
-    except BaseException:
-        store.discard(built)
-        raise
+    metadata: dict[str, Any] = {
+        "kind": "recommender",
+        "model_type": job.model_type,
+        "factors": job.factors,
+        "job_id": job.id,
+        "data_sha256": data.sha256,
+        "metrics": metrics,
+        "baseline": {"name": "most-popular", **baseline},
+        "parent": None,
+        "epochs": job.epochs,
+        "users": len(data.users),
+        "items": len(data.items),
+        "interactions": len(data.user),
+        "eval_users": len(split.eval_users),
+        "holdout": job.holdout,
+    }
+    version = store.build_and_publish(
+        job.output_name, lambda built: _write_model(built, data, users_f, items_f), metadata
+    )
     checkpoint.clear(checkpoint_dir)
 
     seconds = sum(epoch_seconds)
