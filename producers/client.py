@@ -24,6 +24,7 @@ from shared.celery_config import celery_config, celery_priority
 from shared.errors import JobFailed
 from shared.jobs import JobBase, parse_job
 from shared.names import CANCEL_KEY_PREFIX, IDEMPOTENCY_KEY_PREFIX, QUEUES, TASKS
+from shared.redis_clients import reuse_redis_clients
 from shared.results import RESULT_MODELS, Progress
 from shared.settings import Settings
 
@@ -91,6 +92,7 @@ class Client:
         self.settings = settings or Settings()
         if redis_url:
             self.settings = self.settings.model_copy(update={"redis_url": redis_url})
+        reuse_redis_clients()
         self.app = Celery("conveyor-producer", set_as_current=False)
         self.app.conf.update(celery_config(self.settings))
         self._redis: redis.Redis | None = None

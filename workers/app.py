@@ -13,12 +13,14 @@ from celery.signals import worker_ready, worker_shutdown
 from celery.worker import state as worker_state
 
 from shared.celery_config import celery_config
+from shared.redis_clients import reuse_redis_clients
 from shared.settings import Settings
 from workers.leases import LeaseKeeper
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+reuse_redis_clients()
 settings = Settings()
 app = Celery("conveyor", set_as_current=True)
 app.conf.update(celery_config(settings))
