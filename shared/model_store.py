@@ -76,26 +76,31 @@ class ModelStore:
         self.root = Path(root)
 
     # -- reading ---------------------------------------------------------------------
-    def versions(self, name: str) -> list[ModelVersion]:
+    def _version_dirs(self, name: str) -> dict[int, Path]:
+        """Complete versions of NAME by number: a version exists once its metadata does."""
         base = self.root / name
         if not base.is_dir():
-            return []
-        found = []
-        for child in base.iterdir():
-            if child.name.isdigit() and (child / METADATA_FILE).exists():
-                found.append(ModelVersion(name, int(child.name), child, _read_json(child / METADATA_FILE)))
-        return sorted(found, key=lambda v: v.version or 0)
+            return {}
+        return {
+            int(child.name): child
+            for child in base.iterdir()
+            if child.name.isdigit() and (child / METADATA_FILE).exists()
+        }
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        dirs = self._version_dirs(name)
+        return [ModelVersion(name, n, dirs[n], _read_json(dirs[n] / METADATA_FILE)) for n in sorted(dirs)]
 
     def resolve(self, ref: str) -> ModelVersion:
+        """Runs per job: lists the versions, reads the metadata of the chosen one only."""
         name, version = split_ref(ref)
-        versions = self.versions(name)
-        if versions:
+        dirs = self._version_dirs(name)
+        if dirs:
             if version is None:
-                return versions[-1]
-            for v in versions:
-                if v.version == version:
-                    return v
-            have = ", ".join(v.ref for v in versions)
+                version = max(dirs)
+            if version in dirs:
+                return ModelVersion(name, version, dirs[version], _read_json(dirs[version] / METADATA_FILE))
+            have = ", ".join(f"{name}@{n}" for n in sorted(dirs))
             raise ModelNotFound(f"model {name!r} has no version {version}; it has: {have}")
         plain = self.root / name
         if version is None and (plain / "config.json").exists():
