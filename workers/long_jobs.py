@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import redis
 from celery import Task
@@ -18,8 +16,7 @@ from shared.jobs import FineTuneJob, JobBase, TrainJob
 from shared.names import CANCEL_KEY_PREFIX
 from shared.results import JobMeta, Progress, TrainingResult
 from workers.runtime import Runtime, check_deadline
-
-Trainer = Callable[..., Any]  # (job, store, checkpoint_dir, progress, should_stop, device) -> TrainingOutcome
+from workers.training.loop import Trainer
 
 
 def checkpoint_dir(runtime: Runtime, job: JobBase) -> Path:

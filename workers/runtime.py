@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,9 +111,7 @@ class Runtime:
         picked_at = datetime.now(UTC)
         check_deadline(job)
         version = self.store.resolve(job.model)  # fail fast on an unknown model, before decoding audio
-        options = DecodeOptions.from_job(job)
-        options = DecodeOptions(version.ref, options.language, options.beam_size, options.max_new_tokens,
-                                options.timestamps)  # fmt: skip
+        options = replace(DecodeOptions.from_job(job), model=version.ref)  # @latest pinned for every window
         audio = load_job_audio(job)  # decoding happens in this task thread, in parallel with the model
         windows = split_windows(audio, options)
         outs = wait_all(self.transcribe_batcher().submit_many(windows))

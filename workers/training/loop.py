@@ -6,16 +6,19 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from shared.errors import JobCancelled
-from shared.model_store import ModelVersion
+from shared.model_store import ModelStore, ModelVersion
 from shared.results import Progress
 
 ProgressFn = Callable[[Progress], None]
 StopFn = Callable[[], bool]
+# train_recommender and fine_tune: (job, store, checkpoint_dir, progress, should_stop, device) -> outcome
+Trainer = Callable[[Any, ModelStore, Path, ProgressFn, StopFn, str], "TrainingOutcome"]
 
 PROGRESS_EVERY_S = 2.0
 STOP_CHECK_EVERY_S = 0.2  # should_stop may ask Redis; steps can take a millisecond
