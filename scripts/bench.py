@@ -13,6 +13,9 @@ Conveyor.
 
 recommend: users/s for (1) raw in-process top-k at each batch size, (2) Conveyor with
 many concurrent jobs (1 user per job, and many users per job); training samples/s per epoch.
+
+overhead: Celery's own cost per job (1-user recommend jobs on a tiny model): jobs/s and CPU
+milliseconds per job of the producer, Redis and the worker.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -372,9 +376,57 @@ def bench_recommend(args: argparse.Namespace) -> None:
         print(f"  {name} / raw best ({best}) = {med[name] / med[best]:.2f}   (goal >= 0.9)")
 
 
+# -- overhead -----------------------------------------------------------------------------
+def bench_overhead(args: argparse.Namespace) -> None:
+    """Celery's cost per job, apart from the model: 1-user recommend jobs on a tiny model,
+    CPU seconds per job of each process (this producer, Redis, the inference worker)."""
+    import psutil
+
+    from shared.jobs import RecommendJob, TrainJob
+    from shared.model_store import ModelStore
+    from workers.training.recommender import train_recommender
+
+    with tempfile.TemporaryDirectory() as home:
+        data = Path(home) / "interactions.csv"
+        data.write_text("user,item\n" + "".join(f"u{u},i{(u * 7 + j) % 50}\n" for u in range(200) for j in range(6)))
+        store = ModelStore(Path(home) / "models")
+        os.environ["CONVEYOR_MODEL_DIR"] = str(store.root)
+        job = TrainJob(interactions_path=str(data), output_name="tiny", model_type="als", epochs=1)
+        train_recommender(job, store, Path(home) / "ckpt", lambda p: None, lambda: False)
+        stack = Stack(Path(home), args.batch_size, plain=False)
+        try:
+            client = stack.client
+            users = [f"u{u % 200}" for u in range(args.n)]
+
+            def run() -> Run:
+                sent = concurrent_submit(
+                    len(users), args.producers,
+                    lambda i: client.submit(RecommendJob(users=[users[i]], k=5, model="tiny"))._async,
+                )  # fmt: skip
+                return finish(sent, lambda h: h.get(timeout=600), lambda v: 1)
+
+            run()  # warm up
+            port = urlparse(stack.env["CONVEYOR_REDIS_URL"]).port
+            procs = {"producer (this process)": psutil.Process()}
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "redis-server" in cmd and f":{port}" in cmd:  # redis retitles itself "redis-server host:port"
+                    procs["redis"] = proc
+                elif "workers.app" in cmd and "conveyor.recommend" in cmd:
+                    procs["worker"] = proc
+            for r in range(args.rounds):
+                before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+                result = run()
+                cpu = {name: (sum(p.cpu_times()[:2]) - before[name]) * 1000 / len(users) for name, p in procs.items()}
+                line = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+                print(f"  round {r + 1}: {result.items_per_s:.1f} jobs/s; CPU ms per job: {line}", flush=True)
+        finally:
+            stack.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["classify", "transcribe", "recommend"])
+    parser.add_argument("kind", choices=["classify", "transcribe", "recommend", "overhead"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=400, help="items per variant per round")
     parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")
@@ -383,7 +435,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.sizes = args.sizes or {"classify": [1, 8, 16, 32, 64], "transcribe": [1, 4, 8, 12]}.get(args.kind, [])
-    {"classify": bench_classify, "transcribe": bench_transcribe, "recommend": bench_recommend}[args.kind](args)
+    {
+        "classify": bench_classify,
+        "transcribe": bench_transcribe,
+        "recommend": bench_recommend,
+        "overhead": bench_overhead,
+    }[args.kind](args)
 
 
 if __name__ == "__main__":
