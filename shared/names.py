@@ -22,6 +22,16 @@ QUEUES: Final[dict[str, str]] = {
     "fine-tune": TRAINING_QUEUE,
 }
 INFERENCE_QUEUES: Final[tuple[str, ...]] = ("conveyor.classify", "conveyor.transcribe", "conveyor.recommend")
+# Bulk offline scoring (`conveyor score`) sends its chunks here, under the same task names:
+# an inference worker takes from these only when every interactive queue is empty, at every
+# priority, so a bulk run never delays interactive jobs by more than the batch in flight.
+BULK_QUEUES: Final[dict[str, str]] = {
+    "classify": "conveyor.bulk.classify",
+    "transcribe": "conveyor.bulk.transcribe",
+    "recommend": "conveyor.bulk.recommend",
+}
+# What an inference worker consumes, most urgent first.
+WORKER_INFERENCE_QUEUES: Final[tuple[str, ...]] = INFERENCE_QUEUES + tuple(BULK_QUEUES.values())
 
 TASKS: Final[dict[str, str]] = {
     "classify": "conveyor.classify",
@@ -34,3 +44,6 @@ TASKS: Final[dict[str, str]] = {
 # Redis keys written by Conveyor itself (beside Celery's own).
 IDEMPOTENCY_KEY_PREFIX: Final = "conveyor:idempotency:"
 CANCEL_KEY_PREFIX: Final = "conveyor:cancel:"
+# Dead letters: a hash id -> entry (JSON) and a sorted set id -> time, see shared/dead_letters.py.
+DEAD_LETTER_KEY: Final = "conveyor:dlq"
+DEAD_LETTER_ORDER_KEY: Final = "conveyor:dlq:order"

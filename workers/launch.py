@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from shared.names import INFERENCE_QUEUES, TRAINING_QUEUE
+from shared.names import TRAINING_QUEUE, WORKER_INFERENCE_QUEUES
 from shared.settings import Settings
 
 log = logging.getLogger("conveyor.launch")
@@ -89,7 +89,7 @@ def plan(devices: list[str], settings: Settings, inference: bool = True, trainin
     for device in devices:
         label = "cpu" if device == "cpu" else f"gpu{device}"
         if inference:
-            specs.append(WorkerSpec(f"{label}@{host}", device, INFERENCE_QUEUES, settings.concurrency()))
+            specs.append(WorkerSpec(f"{label}@{host}", device, WORKER_INFERENCE_QUEUES, settings.concurrency()))
         if training:
             # Long jobs one at a time per device, in their own process, so inference keeps flowing.
             specs.append(WorkerSpec(f"train-{label}@{host}", device, (TRAINING_QUEUE,), 1))
