@@ -3,11 +3,14 @@ README's table is checked against this class by a test."""
 
 from __future__ import annotations
 
+import json
+import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REDIS_URL_FILE = "redis.url"
 
@@ -56,11 +59,71 @@ class Settings(BaseSettings):
         default=4096, ge=1, description="Memory bound of a worker's loaded-model cache (least recently used evicted)."
     )
     devices: str = Field(default="auto", description="Worker devices: auto, cpu, or GPU indices such as 0,1.")
+    device: str = Field(
+        default="auto",
+        description="The torch device of one worker process (cpu, cuda:0); set by `conveyor worker` for each "
+        "process it starts. auto: cuda:0 where a GPU is visible, else cpu.",
+    )
     flower_port: int = Field(default=5555, ge=1, le=65535, description="Port of Flower on 127.0.0.1.")
     flower_user: str = Field(default="conveyor", description="Flower's basic-auth user.")
     flower_password: str | None = Field(
         default=None, description="Flower's basic-auth password. Unset: generated once, kept in CONVEYOR_HOME."
     )
+    metrics_port: int = Field(
+        default=9809,
+        ge=1,
+        le=65535,
+        description="Port of the Prometheus exporter (`conveyor exporter`, started by `conveyor up`).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Address the exporter listens on. Set 0.0.0.0 for a Prometheus on another machine "
+        "(keep the login on).",
+    )
+    metrics_auth: bool = Field(
+        default=True,
+        description="The exporter asks for Flower's login (basic auth). false: no login, for an exporter reachable "
+        "only by a trusted Prometheus.",
+    )
+    metrics_flush_s: float = Field(
+        default=1.0, gt=0.0, le=60.0, description="How often each worker adds its job counts to Redis (seconds)."
+    )
+    metrics_worker_timeout_s: float = Field(
+        default=15.0,
+        gt=0.0,
+        description="A worker with no heartbeat for this long is reported down (celery_worker_up 0); "
+        "workers beat every 2 s.",
+    )
+    metrics_forget_worker_s: float = Field(
+        default=600.0,
+        ge=0.0,
+        description="How long a down worker stays listed with celery_worker_up 0 before its series is "
+        "dropped (seconds).",
+    )
+    input_roots: Annotated[list[Path], NoDecode] | None = Field(
+        default=None,
+        description="Directories jobs may read input files from (audio_path, data_path, ...), separated by "
+        "':' (or a JSON list). Unset: CONVEYOR_HOME/inputs and the current directory of `conveyor up` "
+        "(or of the worker).",
+    )
+    max_queue_depth: int = Field(
+        default=100_000,
+        ge=0,
+        description="Jobs a queue may hold before submit refuses new ones with QueueFull. 0: unbounded.",
+    )
+
+    @field_validator("input_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        # PATH-style "a:b" from the environment, or a JSON list; blank means unset.
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part]
+        return value
 
     @cached_property
     def models_path(self) -> Path:
@@ -77,6 +140,15 @@ class Settings(BaseSettings):
             f"no Redis configured: set CONVEYOR_REDIS_URL, or run `conveyor up` to start the embedded one "
             f"(it records its URL in {recorded})"
         )
+
+    def allowed_input_roots(self) -> list[Path]:
+        """The input roots, absolute with symlinks resolved (so a resolved job path compares)."""
+        roots = self.input_roots if self.input_roots is not None else [self.home / "inputs", Path.cwd()]
+        return [Path(os.path.realpath(os.path.expanduser(root))) for root in roots]
+
+    def input_roots_env(self) -> str:
+        """CONVEYOR_INPUT_ROOTS as `conveyor up` hands it to its children: they keep its directory."""
+        return os.pathsep.join(str(root) for root in self.allowed_input_roots())
 
     def concurrency(self) -> int:
         return self.worker_concurrency or 4 * self.max_batch_size
