@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -95,6 +96,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
+        os.environ["CONVEYOR_INPUT_ROOTS"] = tmp  # fine_tune reads job files only under the input roots
         train_file = write_csv(tmp_path / "train.csv", [sample[i] for i in train_idx])
         valid_rows = [sample[i] for i in valid_idx]
         valid_file = write_csv(tmp_path / "valid.csv", valid_rows)

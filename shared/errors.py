@@ -9,6 +9,7 @@ message.
 - ``ModelNotFound``: a model name that the store does not hold. Never retried.
 - ``JobExpired`` / ``JobCancelled``: the job's deadline passed or a user cancelled it.
 - ``TransientError``: worth another try (device out of memory, lost connection).
+- ``IdempotencyConflict`` / ``DuplicateJob`` / ``QueueFull``: refused at submit, nothing queued.
 Anything else is an unexpected failure: recorded with its message, not retried.
 """
 
@@ -39,6 +40,20 @@ class JobCancelled(ConveyorError):
 
 class TransientError(ConveyorError):
     """A failure that may not happen again (out of memory, a lost connection)."""
+
+    retryable = True
+
+
+class IdempotencyConflict(ConveyorError):
+    """Raised at submit: the idempotency key is already held by a job with a different payload."""
+
+
+class DuplicateJob(ConveyorError):
+    """Raised at submit: a job with this explicit id was already submitted (while results are kept)."""
+
+
+class QueueFull(ConveyorError):
+    """Raised at submit: the queue holds more jobs than CONVEYOR_MAX_QUEUE_DEPTH; try again later."""
 
     retryable = True
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     Base64Bytes,
     BaseModel,
     ConfigDict,
@@ -38,6 +39,8 @@ MAX_USERS_PER_JOB: Final = 10_000
 MAX_CANDIDATES: Final = 100_000
 MAX_K: Final = 1000
 MAX_PATH_CHARS: Final = 4096
+MAX_ID_CHARS: Final = 200
+MAX_SEED: Final = 2**32 - 1  # numpy's and torch's seeds both take it
 
 MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@([0-9]+|latest))?$"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
@@ -56,7 +59,42 @@ OutputName = Annotated[
         description="Name to register the trained model under; each run adds version NAME@N.",
     ),
 ]
-FilePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]
+
+
+def _no_control_characters(value: str, what: str = "the value") -> str:
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+        raise ValueError(f"{what} must not contain control characters")
+    return value
+
+
+def _printable_id(value: str) -> str:
+    # Ids travel into Redis keys, logs and Flower.
+    if not all("!" <= c <= "~" for c in value):
+        raise ValueError("must be printable ASCII without spaces or control characters")
+    return value
+
+
+FilePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), AfterValidator(_no_control_characters)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Random seed (0 to 2**32 - 1).")]
+ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
+ItemId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def check_label_template(template: str) -> str:
+    """A template names exactly one ``{}`` slot and has no other brace: it is never run
+    through ``str.format``, so ``{0}``, ``{x}`` or ``{{`` would only mislead."""
+    if template.count("{}") != 1:
+        raise ValueError("label_template must contain {} exactly once, where the label goes")
+    rest = template.replace("{}", "", 1)
+    if "{" in rest or "}" in rest:
+        raise ValueError("label_template may hold no brace besides its one {} slot (no {0}, {name} or {{)")
+    return template
+
+
+def apply_label_template(template: str, label: str) -> str:
+    """``template`` with ``label`` in its ``{}`` slot; braces inside the label are kept as they are."""
+    before, _, after = check_label_template(template).partition("{}")
+    return before + label + after
 
 
 def _new_id() -> str:
@@ -75,8 +113,8 @@ class JobBase(BaseModel):
     id: str = Field(
         default_factory=_new_id,
         min_length=1,
-        max_length=200,
-        description="Job id; also the Celery task id. Generated when absent.",
+        max_length=MAX_ID_CHARS,
+        description="Job id; also the Celery task id (printable ASCII, no spaces). Generated when absent.",
     )
     type: JobType
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
@@ -92,6 +130,16 @@ class JobBase(BaseModel):
         default=None,
         description="If no worker has started the job by then, it fails with JobExpired.",
     )
+
+    @field_validator("id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        return _printable_id(value)
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _printable_key(cls, value: str | None) -> str | None:
+        return None if value is None else _no_control_characters(value)
 
     @field_validator("submitted_at", "deadline")
     @classmethod
@@ -161,9 +209,7 @@ class ClassifyJob(JobBase):
     @field_validator("label_template")
     @classmethod
     def _one_placeholder(cls, template: str) -> str:
-        if template.count("{}") != 1:
-            raise ValueError("label_template must contain {} exactly once, where the label goes")
-        return template
+        return check_label_template(template)
 
     @model_validator(mode="after")
     def _labels_or_model(self) -> ClassifyJob:
@@ -183,7 +229,11 @@ class TranscribeJob(JobBase):
     )
     model: ModelRef = Field(default="whisper-tiny.en", description="A Whisper checkpoint in the store.")
     language: str | None = Field(
-        default=None, min_length=2, max_length=20, description="Spoken language (multilingual models only)."
+        default=None,
+        min_length=2,
+        max_length=20,
+        pattern=r"^(<\|[a-z]{2,3}\|>|[A-Za-z][A-Za-z ]*)$",
+        description="Spoken language (multilingual models only): a code such as 'de' or a name such as 'german'.",
     )
     beam_size: int = Field(default=1, ge=1, le=10, description="1 is greedy decoding.")
     max_new_tokens: int | None = Field(default=None, ge=1, le=440, description="Token limit per 30 s window.")
@@ -213,7 +263,7 @@ class RecommendJob(JobBase):
     k: int = Field(default=10, ge=1, le=MAX_K, description="How many items per user.")
     model: ModelRef = Field(description="A recommender in the store, NAME or NAME@N.")
     exclude_seen: bool = Field(default=True, description="Leave out items the user interacted with in training.")
-    candidates: list[str] | None = Field(
+    candidates: list[ItemId] | None = Field(
         default=None, min_length=1, max_length=MAX_CANDIDATES, description="Rank only these items."
     )
 
@@ -250,7 +300,7 @@ class TrainJob(JobBase):
     learning_rate: float = Field(default=0.01, gt=0.0, le=10.0, description="BPR only.")
     batch_size: int = Field(default=4096, ge=1, le=1_000_000, description="BPR only.")
     holdout: int = Field(default=1, ge=1, le=100, description="Latest interactions per user held out for metrics.")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _regularization_per_model(self) -> TrainJob:
@@ -268,15 +318,15 @@ class FineTuneJob(JobBase):
     data_path: FilePath = Field(description="CSV or JSONL on the worker with a text and a label column.")
     output_name: OutputName
     base_model: ModelRef = Field(default="all-MiniLM-L6-v2")
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: ColumnName = "text"
+    label_column: ColumnName = "label"
     epochs: int = Field(default=3, ge=1, le=100)
     learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0)
     batch_size: int = Field(default=16, ge=1, le=1024)
     max_length: int = Field(default=128, ge=8, le=512)
     validation_split: float = Field(default=0.1, gt=0.0, lt=0.9)
     validation_path: FilePath | None = None
-    seed: int = 0
+    seed: Seed = 0
 
 
 Job = Annotated[

@@ -112,7 +112,8 @@ class ModelStore:
             if path is not None and path.exists():
                 return ModelVersion(name, None, path, {"kind": builtin[2], "builtin": True})
         raise ModelNotFound(
-            f"no model {ref!r} in the store ({self.root}); available: {', '.join(self.names()) or 'none'}"
+            # The store's directory stays out of the message: it travels to whoever sent the job.
+            f"no model {ref!r} in the model store; available: {', '.join(self.names()) or 'none'}"
         )
 
     def names(self) -> list[str]:

@@ -29,6 +29,16 @@ def ml100k() -> Path:
     return path
 
 
+def input_roots_for_tests(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Where test jobs' input files live: pytest's temporary directories, the data beside the
+    repository, and the MovieLens copy inside the recbole package (jobs may read nothing else)."""
+    roots = [str(tmp_path_factory.getbasetemp()), str(SHARED_DATA)]
+    spec = importlib.util.find_spec("recbole")
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(str(Path(next(iter(spec.submodule_search_locations)), "dataset_example")))
+    return roots
+
+
 @pytest.fixture(scope="session")
 def conveyor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("conveyor-home")
@@ -62,13 +72,16 @@ def redis_url(conveyor_home: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def conveyor_env(redis_url: str, conveyor_home: Path, model_dir: Path) -> Iterator[dict[str, str]]:
+def conveyor_env(
+    redis_url: str, conveyor_home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """Point this process and its children at the test Redis and model store."""
     env = {
         "CONVEYOR_REDIS_URL": redis_url,
         "CONVEYOR_HOME": str(conveyor_home),
         "CONVEYOR_MODEL_DIR": str(model_dir),
         "HF_HUB_OFFLINE": "1",
+        "CONVEYOR_INPUT_ROOTS": os.pathsep.join(input_roots_for_tests(tmp_path_factory)),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

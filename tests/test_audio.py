@@ -17,6 +17,11 @@ from shared.jobs import TranscribeJob
 from workers.audio import SAMPLE_RATE, load_job_audio
 
 
+@pytest.fixture(autouse=True)
+def _inputs_under_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_INPUT_ROOTS", str(tmp_path))  # jobs read files only under the input roots
+
+
 def _tone(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate
     return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
@@ -113,6 +118,25 @@ def test_corrupt_file_on_disk(tmp_path: Path) -> None:
     path.write_bytes(b"fLaC" + bytes(range(256)) * 4)
     with pytest.raises(InvalidJob, match=f"audio_path {path}: not a readable"):
         load_job_audio(TranscribeJob(audio_path=str(path)))
+
+
+def test_corrupt_bytes_error_shows_no_memory_address() -> None:
+    with pytest.raises(InvalidJob) as err:
+        load_job_audio(_b64_job(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk"))
+    assert "not a readable WAV" in str(err.value)
+    assert " at 0x" not in str(err.value) and "BytesIO" not in str(err.value)
+
+
+def test_file_outside_the_input_roots_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inside = tmp_path / "inputs"
+    inside.mkdir()
+    monkeypatch.setenv("CONVEYOR_INPUT_ROOTS", str(inside))
+    outside = tmp_path / "clip.wav"
+    outside.write_bytes(_encode(_tone(SAMPLE_RATE, 0.2), SAMPLE_RATE, "WAV", "PCM_16"))
+    (inside / "link.wav").symlink_to(outside)
+    for path in (outside, inside / ".." / "clip.wav", inside / "link.wav", Path("/etc/passwd")):
+        with pytest.raises(InvalidJob, match="audio_path: .* is outside the directories jobs may read"):
+            load_job_audio(TranscribeJob(audio_path=str(path)))
 
 
 def test_audio_over_the_length_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,11 @@ from workers.training.finetune import classification_metrics, fine_tune, stratif
 SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection.tsv"
 
 
+@pytest.fixture(autouse=True)
+def _inputs_under_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_INPUT_ROOTS", str(tmp_path))  # jobs read files only under the input roots
+
+
 def sms_slice(path: Path, n: int, seed: int = 0) -> Path:
     """A stratified random slice of n messages as CSV (label, text), spam at its corpus share."""
     if not SMS.exists():

@@ -49,21 +49,21 @@ def test_header_only(tmp_path: Path) -> None:
         read_interactions(write(tmp_path / "a.csv", "user,item\n"))
 
 
-def test_missing_column_is_named_with_the_columns_found(tmp_path: Path) -> None:
+def test_missing_column_is_named_without_repeating_the_header(tmp_path: Path) -> None:
     with pytest.raises(InvalidJob) as err:
         read_interactions(write(tmp_path / "a.csv", "customer,item\n1,2\n"))
-    assert "no user column" in str(err.value)
-    assert "'customer'" in str(err.value) and "'item'" in str(err.value)
+    assert "no user column (looked for user, user_id, userid) among the header's 2 columns" in str(err.value)
+    assert "customer" not in str(err.value)  # the file's text stays out of errors
 
 
 def test_bad_number_names_line_and_column(tmp_path: Path) -> None:
     text = interactions_csv().replace("u1,i1,1,", "u1,i1,five,")
-    with pytest.raises(InvalidJob, match=r"line 5: column 'rating' is not a number: 'five'"):
+    with pytest.raises(InvalidJob, match=r"line 5: column 'rating' is not a number$"):
         read_interactions(write(tmp_path / "a.csv", text))
 
 
 def test_bad_time(tmp_path: Path) -> None:
-    with pytest.raises(InvalidJob, match="neither a number nor an ISO 8601 time: 'yesterday'"):
+    with pytest.raises(InvalidJob, match="neither a number nor an ISO 8601 time$"):
         read_interactions(write(tmp_path / "a.csv", "user,item,time\na,b,yesterday\n"))
 
 
@@ -130,14 +130,14 @@ def labeled_csv(n: int = 10) -> str:
     )
 
 
-def test_labeled_missing_column_lists_columns(tmp_path: Path) -> None:
+def test_labeled_missing_column_is_named(tmp_path: Path) -> None:
     with pytest.raises(InvalidJob) as err:
         read_labeled_texts(write(tmp_path / "a.csv", labeled_csv()), text_column="sms")
-    assert "no column 'sms' (text_column)" in str(err.value) and "'text', 'label'" in str(err.value)
+    assert "no column 'sms' (text_column) among the header's 2 columns" in str(err.value)
 
 
 def test_labeled_one_class(tmp_path: Path) -> None:
-    with pytest.raises(InvalidJob, match="every row has the label 'ham'"):
+    with pytest.raises(InvalidJob, match="every row has the same label"):
         read_labeled_texts(write(tmp_path / "a.csv", labeled_csv().replace("spam", "ham")))
 
 

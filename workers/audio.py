@@ -17,6 +17,7 @@ import torch
 import torchaudio.functional as AF
 
 from shared.errors import InvalidJob
+from shared.input_paths import resolve_input
 from shared.jobs import MAX_AUDIO_SECONDS, TranscribeJob
 
 SAMPLE_RATE: Final = 16_000
@@ -27,13 +28,14 @@ _ACCEPTED_FORMATS: Final = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG"})
 def load_job_audio(job: TranscribeJob) -> torch.Tensor:
     """The job's audio as a 1-D float32 tensor at 16 kHz."""
     if job.audio_path is not None:
-        return load_audio_file(Path(job.audio_path))
+        return load_audio_file(resolve_input(job.audio_path, field="audio_path"), job.audio_path)
     assert job.audio_b64 is not None  # the schema requires exactly one source
     return decode_audio(job.audio_b64, "audio_b64")
 
 
-def load_audio_file(path: Path) -> torch.Tensor:
-    where = f"audio_path {path}"
+def load_audio_file(path: Path, named: str | None = None) -> torch.Tensor:
+    """Read and decode ``path``; errors name the file as the job did (``named``), not as resolved."""
+    where = f"audio_path {named or path}"
     if not path.exists():
         raise InvalidJob(f"{where}: file not found")
     if not path.is_file():
@@ -64,8 +66,11 @@ def decode_audio(data: bytes, where: str) -> torch.Tensor:
             samples = f.read(dtype="float32", always_2d=True)
     except InvalidJob:
         raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise InvalidJob(f"{where}: not a readable WAV, FLAC or OGG file ({exc})") from exc
+    except sf.LibsndfileError as exc:
+        # str(exc) names the BytesIO it read from, memory address included; error_string is libsndfile's own.
+        raise InvalidJob(f"{where}: not a readable WAV, FLAC or OGG file ({exc.error_string})") from exc
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidJob(f"{where}: not a readable WAV, FLAC or OGG file ({type(exc).__name__})") from exc
     if samples.shape[0] == 0:
         raise InvalidJob(f"{where}: the file holds no audio samples")
     if not np.isfinite(samples).all():

@@ -4,7 +4,8 @@ Interactions: CSV, TSV or JSONL with a user and an item column, an optional weig
 (``weight``, ``rating`` or ``quantity``) and an optional time (``time`` or ``timestamp``:
 a number or ISO 8601). RecBole's typed headers (``user_id:token``) are read too.
 Labeled texts: CSV, TSV or JSONL with configurable text and label columns.
-Every problem raises ``InvalidJob``.
+Every problem raises ``InvalidJob``, naming the line and column but never repeating what the
+file holds: a job may name a file it should not read, and its error must not reveal it.
 """
 
 from __future__ import annotations
@@ -143,9 +144,7 @@ def read_labeled_texts(
     header, records = _open_table(path)
     for wanted, option in ((text_column, "text_column"), (label_column, "label_column")):
         if wanted not in header:
-            raise InvalidJob(
-                f"{path}: no column {wanted!r} ({option}); the file has: {', '.join(map(repr, header)) or 'none'}"
-            )
+            raise InvalidJob(f"{path}: no column {wanted!r} ({option}) among the header's {len(header)} columns")
     texts: list[str] = []
     labels: list[str] = []
     for line, record in records:
@@ -154,7 +153,7 @@ def read_labeled_texts(
     if len(texts) < min_rows:
         raise InvalidJob(f"{path}: too few rows: {len(texts)}, at least {min_rows} needed")
     if len(set(labels)) < min_classes:
-        raise InvalidJob(f"{path}: every row has the label {labels[0]!r}; a classifier needs at least 2 classes")
+        raise InvalidJob(f"{path}: every row has the same label; a classifier needs at least 2 classes")
     return LabeledTexts(texts, labels, file_sha256(path))
 
 
@@ -197,8 +196,10 @@ def _jsonl(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, Record
             continue
         try:
             record = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidJob(f"{path}, line {line}: not valid JSON: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise InvalidJob(f"{path}, line {line}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise InvalidJob(f"{path}, line {line}: not valid JSON ({type(exc).__name__})") from exc
         if not isinstance(record, dict):
             raise InvalidJob(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}")
         records.append((line, record))
@@ -220,7 +221,7 @@ def _delimited(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, Re
     except StopIteration:
         raise InvalidJob(f"{path}: the file is empty") from None
     if len(set(header)) != len(header):
-        raise InvalidJob(f"{path}: repeated column names in the header: {header}")
+        raise InvalidJob(f"{path}: repeated column names in the header (line 1)")
 
     def records() -> Iterator[tuple[int, Record]]:
         try:
@@ -252,18 +253,22 @@ def _pick(columns: dict[str, str], names: tuple[str, ...], path: Path, header: l
             return columns[name]
     if required:
         raise InvalidJob(
-            f"{path}: no {names[0]} column (looked for {', '.join(names)}); "
-            f"the file has: {', '.join(map(repr, header)) or 'none'}"
+            f"{path}: no {names[0]} column (looked for {', '.join(names)}) among the header's {len(header)} columns"
         )
     return None
+
+
+def _shown(column: str) -> str:
+    """A column as errors name it: the part before RecBole's ``:type`` (the rest is the file's text)."""
+    return column.split(":", 1)[0]
 
 
 def _cell(record: Record, column: str, path: Path, line: int, strip: bool = True) -> str:
     value = record.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise InvalidJob(f"{path}, line {line}: no value in column {column!r}")
+        raise InvalidJob(f"{path}, line {line}: no value in column {_shown(column)!r}")
     if isinstance(value, (dict, list)):
-        raise InvalidJob(f"{path}, line {line}: column {column!r} holds a {type(value).__name__}, not a value")
+        raise InvalidJob(f"{path}, line {line}: column {_shown(column)!r} holds a {type(value).__name__}, not a value")
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 17850.0 and 17850 name the same id
     text = str(value)
@@ -275,9 +280,9 @@ def _number(record: Record, column: str, path: Path, line: int) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise InvalidJob(f"{path}, line {line}: column {column!r} is not a number: {raw!r}") from None
+        raise InvalidJob(f"{path}, line {line}: column {_shown(column)!r} is not a number") from None
     if not math.isfinite(value):
-        raise InvalidJob(f"{path}, line {line}: column {column!r} is not finite: {raw!r}")
+        raise InvalidJob(f"{path}, line {line}: column {_shown(column)!r} is not finite")
     return value
 
 
@@ -291,5 +296,5 @@ def _time(record: Record, column: str, path: Path, line: int) -> float:
         return datetime.fromisoformat(raw).timestamp()
     except ValueError:
         raise InvalidJob(
-            f"{path}, line {line}: column {column!r} is neither a number nor an ISO 8601 time: {raw!r}"
+            f"{path}, line {line}: column {_shown(column)!r} is neither a number nor an ISO 8601 time"
         ) from None

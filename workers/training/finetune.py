@@ -16,8 +16,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.errors import InvalidJob
+from shared.input_paths import resolve_input
 from shared.jobs import FineTuneJob
 from shared.model_store import ModelStore
+from shared.settings import Settings
 from workers.training import checkpoint
 from workers.training.data import LabeledTexts, read_labeled_texts
 from workers.training.loop import Pacer, ProgressFn, StopFn, TrainingOutcome, job_fingerprint
@@ -35,7 +37,7 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
     for label in sorted(set(labels)):
         rows = rng.permutation(np.flatnonzero(label_array == label))
         if len(rows) < 2:
-            raise InvalidJob(f"label {label!r} has 1 example: a validation split needs at least 2 of each label")
+            raise InvalidJob("a label has 1 example: a validation split needs at least 2 of each label")
         n_valid = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
         valid.append(rows[:n_valid])
         train.append(rows[n_valid:])
@@ -65,7 +67,7 @@ def fine_tune(
     label_ids = {label: i for i, label in enumerate(classes)}
     unknown = sorted(set(valid_labels) - set(classes))
     if unknown:
-        raise InvalidJob(f"validation_path has labels the training data lacks: {unknown[:10]}")
+        raise InvalidJob(f"validation_path has {len(unknown)} labels the training data lacks")
 
     base = store.resolve(job.base_model)
     dev = torch.device(device)
@@ -178,12 +180,14 @@ def fine_tune(
 
 def _datasets(job: FineTuneJob) -> tuple[LabeledTexts, np.ndarray, list[str], list[str]]:
     """The training data, its rows used for training, and the validation texts and labels."""
-    data = read_labeled_texts(job.data_path, job.text_column, job.label_column)
+    settings = Settings()
+    data = read_labeled_texts(resolve_input(job.data_path, settings, "data_path"), job.text_column, job.label_column)
     if job.validation_path is None:
         train_rows, valid_rows = stratified_split(data.labels, job.validation_split, job.seed)
         return data, train_rows, [data.texts[i] for i in valid_rows], [data.labels[i] for i in valid_rows]
+    valid_path = resolve_input(job.validation_path, settings, "validation_path")
     valid = read_labeled_texts(
-        job.validation_path, job.text_column, job.label_column, min_rows=1, field="validation_path", min_classes=1
+        valid_path, job.text_column, job.label_column, min_rows=1, field="validation_path", min_classes=1
     )
     return data, np.arange(len(data.texts)), valid.texts, valid.labels
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from shared.errors import InvalidJob
+from shared.input_paths import resolve_input
 from shared.jobs import TrainJob
 from shared.model_store import ModelStore
 from workers.training import checkpoint
@@ -107,7 +108,7 @@ def train_recommender(
     should_stop: StopFn,
     device: str = "cpu",
 ) -> TrainingOutcome:
-    data = read_interactions(job.interactions_path)
+    data = read_interactions(resolve_input(job.interactions_path, field="interactions_path"))
     split = holdout_split(data, job.holdout)
     dev = torch.device(device)
     trainer: Trainer
