@@ -47,3 +47,20 @@ CANCEL_KEY_PREFIX: Final = "conveyor:cancel:"
 # Dead letters: a hash id -> entry (JSON) and a sorted set id -> time, see shared/dead_letters.py.
 DEAD_LETTER_KEY: Final = "conveyor:dlq"
 DEAD_LETTER_ORDER_KEY: Final = "conveyor:dlq:order"
+# An explicit job id, claimed at submit (SET NX, for as long as results are kept): sent once.
+JOB_ID_KEY_PREFIX: Final = "conveyor:job:"
+
+# kombu's Redis transport keeps one list per Celery priority step (0 is served first): the
+# queue's own name for step 0, the name + separator + step for 1-9. Every client must agree
+# on the separator (kombu's default), so it is spelled out here for tools that read the lists.
+PRIORITY_SEP: Final = "\x06\x16"
+
+
+def priority_list(queue: str, celery_priority: int) -> str:
+    """The Redis list holding ``queue``'s messages of one Celery priority (0-9)."""
+    return queue if celery_priority == 0 else f"{queue}{PRIORITY_SEP}{celery_priority}"
+
+
+def priority_lists(queue: str) -> tuple[str, ...]:
+    """All ten of ``queue``'s lists, most urgent first."""
+    return tuple(priority_list(queue, p) for p in range(10))
