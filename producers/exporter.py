@@ -1,0 +1,341 @@
+"""`conveyor exporter`: Conveyor's Prometheus metrics on CONVEYOR_METRICS_PORT (started by
+`conveyor up`). Never imports torch or the workers.
+
+Two sources, read at each scrape or as they come:
+
+- Redis, at scrape time: queue lengths (per queue and per priority), the age of the oldest
+  waiting job, the dead-letter queue, and the job totals the workers' recorders
+  (workers/metrics.py) add up in Redis: jobs by state, batch sizes, queue wait and run time,
+  whole-batch failures, retries, dead-lettered jobs. These are cluster-wide numbers: every
+  exporter reads the same ones, so with several exporters aggregate with ``max``, not ``sum``.
+- Celery events, as they come (as celery-exporter does): ``celery_worker_up`` from heartbeats,
+  ``celery_task_*_total`` and ``celery_task_runtime`` from task events. Workers may send only
+  some task events (or none), so job counts by state come from Redis, not from these. Counters
+  start at zero when the exporter starts, which Prometheus' ``rate`` and ``increase`` expect.
+
+Names follow celery-exporter where it has one (``celery_queue_length{queue_name}``,
+``celery_worker_up{hostname}``, ``celery_task_sent_total{name,hostname}``, ...), so its Grafana
+boards work. The endpoint asks for Flower's login (basic auth) unless CONVEYOR_METRICS_AUTH is
+false, and listens on 127.0.0.1 unless CONVEYOR_METRICS_ADDRESS says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hmac
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import redis
+from celery import Celery
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from producers.job_stats import read_totals
+from producers.queue_stats import CONVEYOR_QUEUES, FirstSeen, dead_letter_count, read_queues
+from shared.celery_config import celery_config
+from shared.settings import Settings
+
+log = logging.getLogger("conveyor.exporter")
+
+# celery-exporter's task event counters: event type -> metric name (exposed with _total).
+TASK_EVENTS = {
+    "task-sent": "celery_task_sent",
+    "task-received": "celery_task_received",
+    "task-started": "celery_task_started",
+    "task-succeeded": "celery_task_succeeded",
+    "task-failed": "celery_task_failed",
+    "task-rejected": "celery_task_rejected",
+    "task-revoked": "celery_task_revoked",
+    "task-retried": "celery_task_retried",
+}
+HISTOGRAM_HELP = {
+    "batch_size": ("conveyor_batch_size", "Items per forward pass."),
+    "queue_wait_seconds": ("conveyor_job_queue_wait_seconds", "Seconds from submission to the start of the job."),
+    "run_seconds": ("conveyor_job_run_seconds", "Seconds from the start of the job to its result."),
+}
+TASK_NAMES_KEPT = 10_000  # uuid -> task name, for events that carry only the uuid
+
+
+class RedisCollector:
+    """Everything read from Redis, read afresh at each scrape (one script and one pipeline)."""
+
+    def __init__(self, client: redis.Redis, forget_worker_s: float = 600.0) -> None:
+        self.client = client
+        self.forget_worker_s = forget_worker_s
+        self.first_seen = FirstSeen()
+        self._lock = threading.Lock()  # FirstSeen is not shared between concurrent scrapes
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("conveyor_redis_up", "1 if the exporter read Redis at this scrape.")
+        try:
+            with self._lock:
+                queues = read_queues(self.client, CONVEYOR_QUEUES, first_seen=self.first_seen)
+            dead = dead_letter_count(self.client)
+            totals = read_totals(self.client)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("scrape: cannot read Redis: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+
+        length = GaugeMetricFamily("celery_queue_length", "Jobs waiting in the queue.", labels=["queue_name"])
+        by_priority = GaugeMetricFamily(
+            "conveyor_queue_length_by_priority",
+            "Jobs waiting, by Conveyor priority (9 most urgent).",
+            labels=["queue_name", "priority"],
+        )
+        oldest = GaugeMetricFamily(
+            "conveyor_queue_oldest_age_seconds",
+            "Age of the oldest waiting job (0 when the queue is empty).",
+            labels=["queue_name"],
+        )
+        for q in queues:
+            length.add_metric([q.queue], q.length)
+            for priority, n in sorted(q.by_priority.items()):
+                by_priority.add_metric([q.queue, str(priority)], n)
+            if q.oldest_age_s is not None:
+                oldest.add_metric([q.queue], q.oldest_age_s)
+        yield from (length, by_priority, oldest)
+
+        dlq = GaugeMetricFamily("conveyor_dead_letter_queue_length", "Jobs in the dead-letter queue.")
+        dlq.add_metric([], dead)
+        yield dlq
+
+        jobs = CounterMetricFamily("conveyor_jobs", "Finished jobs, by type and state.", labels=["job_type", "state"])
+        for (job_type, state), n in sorted(totals.jobs.items()):
+            jobs.add_metric([job_type, state], n)
+        yield jobs
+        for name, per_type in totals.histograms.items():
+            metric, help_text = HISTOGRAM_HELP[name]
+            family = HistogramMetricFamily(metric, help_text, labels=["job_type"])
+            for job_type, hist in sorted(per_type.items()):
+                buckets = [(_le(bound), n) for bound, n in hist.cumulative()]
+                family.add_metric([job_type], buckets, sum_value=hist.sum)
+            yield family
+        for metric, help_text, label, values in (
+            ("conveyor_batch_failures", "Batches that raised as a whole.", "job_type", totals.batch_failures),
+            ("conveyor_job_retries", "Job retries.", "job_type", totals.retries),
+            ("conveyor_dead_letter", "Jobs moved to the dead-letter queue.", "queue_name", totals.dead_letters),
+        ):
+            family = CounterMetricFamily(metric, help_text, labels=[label])
+            for key, n in sorted(values.items()):
+                family.add_metric([key], n)
+            yield family
+        flushed = GaugeMetricFamily(
+            "conveyor_worker_metrics_flushed_timestamp_seconds",
+            "When each worker last added its job counts to Redis (unix time).",
+            labels=["hostname"],
+        )
+        cutoff = time.time() - self.forget_worker_s
+        for worker, at in sorted(totals.last_flush.items()):
+            if at >= cutoff:
+                flushed.add_metric([worker], at)
+        yield flushed
+
+
+class CeleryEvents:
+    """A Celery event receiver in a thread: worker heartbeats and task events."""
+
+    def __init__(
+        self,
+        app: Celery,
+        registry: CollectorRegistry,
+        worker_timeout_s: float = 15.0,
+        forget_worker_s: float = 600.0,
+    ) -> None:
+        self.app = app
+        self.worker_timeout_s = worker_timeout_s
+        self.forget_worker_s = forget_worker_s
+        self.counters = {
+            event: Counter(metric, f"Celery {event} events.", ["name", "hostname"], registry=registry)
+            for event, metric in TASK_EVENTS.items()
+        }
+        self.runtime = Histogram(
+            "celery_task_runtime", "Task runtime (seconds), from task-succeeded events.", ["name", "hostname"],
+            registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+        )  # fmt: skip
+        self._names: OrderedDict[str, str] = OrderedDict()
+        self._workers: dict[str, tuple[float, bool]] = {}  # hostname -> (last seen, online)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._receiver: Any = None
+        self._thread = threading.Thread(target=self._run, name="celery-events", daemon=True)
+        self.connected = threading.Event()
+
+    def start(self) -> CeleryEvents:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.app.connection_for_read() as conn:
+                    self._receiver = self.app.events.Receiver(conn, handlers={"*": self.on_event})
+                    self.connected.set()
+                    # wakeup: every live worker sends a heartbeat now, so they show at once.
+                    self._receiver.capture(limit=None, timeout=None, wakeup=True)
+            except Exception as exc:  # noqa: BLE001 - the receiver must outlive broker hiccups
+                self.connected.clear()
+                if not self._stop.is_set():
+                    log.warning("celery events: %s; reconnecting in 1 s", exc)
+                    self._stop.wait(1.0)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type", "")
+        hostname = str(event.get("hostname", "unknown"))
+        if kind.startswith("worker-"):
+            with self._lock:
+                self._workers[hostname] = (time.monotonic(), kind != "worker-offline")
+            return
+        counter = self.counters.get(kind)
+        if counter is None:
+            return
+        name = self._task_name(event)
+        counter.labels(name=name, hostname=hostname).inc()
+        runtime = event.get("runtime")
+        if kind == "task-succeeded" and isinstance(runtime, int | float):
+            self.runtime.labels(name=name, hostname=hostname).observe(runtime)
+
+    def _task_name(self, event: dict[str, Any]) -> str:
+        uuid = str(event.get("uuid", ""))
+        name = event.get("name")
+        with self._lock:
+            if name:
+                self._names[uuid] = str(name)
+                if len(self._names) > TASK_NAMES_KEPT:
+                    self._names.popitem(last=False)
+                return str(name)
+            return self._names.get(uuid, "unknown")
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("celery_worker_up", "1 if the worker sent a heartbeat recently.", labels=["hostname"])
+        now = time.monotonic()
+        with self._lock:
+            for hostname, (seen, online) in list(self._workers.items()):
+                alive = online and now - seen <= self.worker_timeout_s
+                if not alive and now - seen > self.worker_timeout_s + self.forget_worker_s:
+                    del self._workers[hostname]
+                    continue
+                up.add_metric([hostname], 1 if alive else 0)
+        yield up
+
+
+def basic_auth(app: Callable[..., Iterable[bytes]], user: str, password: str) -> Callable[..., Iterable[bytes]]:
+    """WSGI middleware: 401 unless the request carries this login."""
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(), expected.encode()):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized", [("WWW-Authenticate", 'Basic realm="conveyor"'), ("Content-Type", "text/plain")]
+        )
+        return [b"login required\n"]
+
+    return guarded
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class Exporter:
+    """The registry, the event receiver and the HTTP server, started and stopped together."""
+
+    def __init__(self, settings: Settings, address: str | None = None, port: int | None = None) -> None:
+        self.settings = settings
+        self.address = address or settings.metrics_address
+        self.port = settings.metrics_port if port is None else port
+        url = settings.broker_url()
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.app = Celery("conveyor-exporter", set_as_current=False)
+        self.app.conf.update(celery_config(settings))
+        self.registry = CollectorRegistry()
+        self.registry.register(RedisCollector(self.redis, settings.metrics_forget_worker_s))
+        self.events = CeleryEvents(
+            self.app, self.registry, settings.metrics_worker_timeout_s, settings.metrics_forget_worker_s
+        )
+        self.registry.register(self.events)
+        wsgi = make_wsgi_app(self.registry)
+        if settings.metrics_auth:
+            from producers.stack import flower_login
+
+            wsgi = basic_auth(wsgi, *flower_login(settings))
+        self.server = make_server(self.address, self.port, wsgi, server_class=_Server, handler_class=_QuietHandler)
+        self.port = self.server.server_port
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}/metrics"
+
+    def start(self) -> Exporter:
+        self.events.start()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.events.stop()
+        self.redis.close()
+        self.app.close()
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else floatToGoString(bound)
+
+
+def exporter_url(settings: Settings) -> str:
+    return f"http://{settings.metrics_address}:{settings.metrics_port}/metrics"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conveyor exporter", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", help="listen address (default CONVEYOR_METRICS_ADDRESS)")
+    parser.add_argument("--port", type=int, help="listen port (default CONVEYOR_METRICS_PORT)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings()
+    try:
+        exporter = Exporter(settings, args.address, args.port).start()
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    login = "Flower's login" if settings.metrics_auth else "no login"
+    log.info("metrics on %s (%s); queues: %s", exporter.url, login, ", ".join(CONVEYOR_QUEUES))
+    stop.wait()
+    exporter.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
