@@ -17,12 +17,14 @@ from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import JOB_MODELS
 from shared.model_store import ModelStore
 from shared.settings import Settings
+from producers.dlq_cli import dlq_app
 
 app = typer.Typer(help="Conveyor: asynchronous inference and batch jobs over Redis and Celery.", no_args_is_help=True)
 submit_app = typer.Typer(help="Submit a job; prints its id, or its result with --wait.", no_args_is_help=True)
 models_app = typer.Typer(help="The model store.", invoke_without_command=True)
 app.add_typer(submit_app, name="submit")
 app.add_typer(models_app, name="models")
+app.add_typer(dlq_app, name="dlq")
 
 Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait with --wait.")]
@@ -54,7 +56,10 @@ def _submit(job_type: str, fields: dict[str, Any], wait: bool, timeout: float) -
     except ValidationError as exc:
         _fail(f"invalid {job_type} job: {describe_validation_error(exc)}", 2)
     client = _client()
-    handle = client.submit(job)
+    try:
+        handle = client.submit(job)
+    except ConveyorError as exc:  # refused at submit: IdempotencyConflict, DuplicateJob, QueueFull
+        _fail(f"{type(exc).__name__}: {exc}", 4)
     if not wait:
         _print_json({"id": handle.id, "type": job_type})
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,10 +21,12 @@ from celery import Celery
 from celery.result import AsyncResult
 from pydantic import BaseModel
 
+from producers.admission import QueueDepthGate
+from producers.submit_claims import SubmitClaims
 from shared.celery_config import celery_config, celery_priority
 from shared.errors import JobFailed
 from shared.jobs import JobBase, parse_job
-from shared.names import CANCEL_KEY_PREFIX, IDEMPOTENCY_KEY_PREFIX, QUEUES, TASKS
+from shared.names import CANCEL_KEY_PREFIX, QUEUES, TASKS, priority_lists
 from shared.redis_clients import reuse_redis_clients
 from shared.results import RESULT_MODELS, Progress
 from shared.settings import Settings
@@ -96,6 +99,7 @@ class Client:
         self.app = Celery("conveyor-producer", set_as_current=False)
         self.app.conf.update(celery_config(self.settings))
         self._redis: redis.Redis | None = None
+        self._gate = QueueDepthGate(lambda: self.redis, self.settings.max_queue_depth)
 
     @property
     def redis(self) -> redis.Redis:
@@ -111,10 +115,29 @@ class Client:
         """Validate every job first (a bad one raises before anything is sent), then publish
         them all over one connection."""
         parsed = [job if isinstance(job, JobBase) else parse_job(job) for job in jobs]
+        targets = [QUEUES[job.type] for job in parsed]
+        self._gate.admit(Counter(targets))  # QueueFull before anything is claimed or sent
+        claims = SubmitClaims(self.redis, self.settings)
+        earlier = claims.claim_all(parsed)  # IdempotencyConflict / DuplicateJob, nothing sent
         handles: list[JobHandle] = []
+        sent: list[str] = []
+        try:
+            self._publish(parsed, targets, earlier, handles, sent)
+        except BaseException:
+            claims.release(keep=sent)  # a retry of the unsent jobs must not find their keys taken
+            raise
+        return handles
+
+    def _publish(
+        self,
+        parsed: list[JobBase],
+        targets: list[str],
+        earlier: list[str | None],
+        handles: list[JobHandle],
+        sent: list[str],
+    ) -> None:
         with self.app.producer_or_acquire() as producer:
-            for job in parsed:
-                existing = self._claim_idempotency_key(job)
+            for job, target, existing in zip(parsed, targets, earlier):
                 if existing is not None:
                     handles.append(JobHandle(self, existing, job.type))
                     continue
@@ -122,23 +145,14 @@ class Client:
                     TASKS[job.type],
                     args=[job.model_dump(mode="json")],
                     task_id=job.id,
-                    queue=QUEUES[job.type],
+                    queue=target,
                     priority=celery_priority(job.priority),
                     expires=job.deadline,
                     producer=producer,
                 )
+                sent.append(job.id)
+                self._gate.sent(target)
                 handles.append(JobHandle(self, job.id, job.type))
-        return handles
-
-    def _claim_idempotency_key(self, job: JobBase) -> str | None:
-        """None if this job is the key's first; else the id of the job that holds the key."""
-        if job.idempotency_key is None:
-            return None
-        key = IDEMPOTENCY_KEY_PREFIX + job.idempotency_key
-        if self.redis.set(key, job.id, nx=True, ex=self.settings.idempotency_ttl_s):
-            return None
-        existing = self.redis.get(key)
-        return existing.decode() if existing else None
 
     # -- following -------------------------------------------------------------------------
     def job(self, job_id: str) -> JobHandle:
@@ -153,7 +167,7 @@ class Client:
         depths: dict[str, int] = {}
         for queue in sorted(set(QUEUES.values())):
             # Celery on Redis keeps one list per priority step: "queue", then "queue" + sep + step.
-            names = [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+            names = priority_lists(queue)
             pipe = self.redis.pipeline()
             for name in names:
                 pipe.llen(name)

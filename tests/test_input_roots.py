@@ -84,7 +84,11 @@ def test_train_and_fine_tune_errors_do_not_repeat_the_file(roots: Path, name: st
     messages = []
     with pytest.raises(InvalidJob) as err:
         train_recommender(
-            TrainJob(interactions_path=str(secret_file), output_name="x"), None, roots, print, lambda: False  # type: ignore[arg-type]
+            TrainJob(interactions_path=str(secret_file), output_name="x"),
+            None,
+            roots,
+            print,
+            lambda: False,  # type: ignore[arg-type]
         )
     messages.append(str(err.value))
     for job in (
