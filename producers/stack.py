@@ -1,24 +1,41 @@
 """`conveyor up`: the embedded Redis (unless CONVEYOR_REDIS_URL is set), the workers and
-Flower, as child processes that stop together. ``--detach`` runs the same in the
-background and records its pid, for `conveyor down`."""
+Flower, as supervised child processes (shared/supervisor.py): each is restarted if it dies
+(Redis on the same port, with the same data), and all stop together, within seconds of Ctrl-C.
+``--detach`` runs the same in the background; `conveyor down` stops it.
+
+One `up` per CONVEYOR_HOME: its pid is recorded there. A redis-server left running by an
+`up` that was killed hard is found through its pid file and stopped, by `down` or the next `up`.
+Secrets never reach a command line: Redis reads its password from a 0600 config file, Flower
+its login from the environment (FLOWER_BASIC_AUTH)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-from producers.local_redis import LocalRedis, ping
+from producers.local_redis import LocalRedis, free_port, port_is_free, private_dir, write_private
 from shared.settings import REDIS_URL_FILE, Settings
+from shared.supervisor import Child, ChildSpec, Supervisor, open_private_log
 
 PID_FILE = "up.pid"
+READY_FILE = "up.ready"  # JSON written once everything answers: {"pid": ..., "flower_url": ...}
 LOG_FILE = "up.log"
 FLOWER_PASSWORD_FILE = "flower.password"
+# Seconds each child gets between SIGTERM and SIGKILL when the stack stops (Ctrl-C, `down`).
+# Workers stop warm (jobs in flight are put back and redelivered); Redis flushes its AOF.
+STOP_TIMEOUT_S = 8.0
 
 
 def flower_login(settings: Settings) -> tuple[str, str]:
@@ -26,123 +43,229 @@ def flower_login(settings: Settings) -> tuple[str, str]:
         return settings.flower_user, settings.flower_password
     path = settings.home / FLOWER_PASSWORD_FILE
     if not path.exists():
-        settings.home.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(12))
-        path.chmod(0o600)
+        private_dir(settings.home)
+        write_private(path, secrets.token_urlsafe(12))
     return settings.flower_user, path.read_text().strip()
 
 
-def flower_url(settings: Settings) -> str:
-    return f"http://127.0.0.1:{settings.flower_port}/"
+@dataclass(frozen=True)
+class UpState:
+    """What a running `conveyor up` recorded about itself once it was ready."""
+
+    pid: int
+    flower_url: str | None
+    metrics_url: str | None = None
+
+
+def read_state(settings: Settings) -> UpState | None:
+    try:
+        data = json.loads((settings.home / READY_FILE).read_text())
+        return UpState(int(data["pid"]), data.get("flower_url"), data.get("metrics_url"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def running_pid(settings: Settings) -> int | None:
+    """The pid of the `conveyor up` that runs in this home, if one does."""
+    try:
+        pid = int((settings.home / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) and _is_conveyor_up(pid) else None
 
 
 class Stack:
-    def __init__(self, settings: Settings, devices: str, flower: bool = True) -> None:
+    def __init__(self, settings: Settings, devices: str | None = None, flower: bool = True) -> None:
         self.settings = settings
-        self.devices = devices
+        self.devices = devices or settings.devices
         self.with_flower = flower
         self.redis: LocalRedis | None = None
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.supervisor = Supervisor()
+        self.flower_url: str | None = None
+        self.metrics_url: str | None = None
+        self.notes: list[str] = []  # what the user should know (a port that moved, an orphan stopped)
 
     def start(self) -> str:
-        url = self.settings.redis_url
-        if not url:
-            recorded = self.settings.home / REDIS_URL_FILE
-            if recorded.exists() and ping(recorded.read_text().strip()):
-                url = recorded.read_text().strip()  # another `up` already runs it
-            else:
-                self.redis = LocalRedis(self.settings.home)
-                url = self.redis.start()
-        env = dict(os.environ, CONVEYOR_REDIS_URL=url)
-        self.children.append(
-            subprocess.Popen([sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"], env=env)
-        )
-        if self.with_flower and importlib.util.find_spec("flower") is not None:
-            user, password = flower_login(self.settings)
-            self.children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable, "-m", "celery", "--broker", url, "flower",
-                        "--address=127.0.0.1", f"--port={self.settings.flower_port}",
-                        f"--basic-auth={user}:{password}", "--persistent=False", "--logging=warning",
-                    ],  # fmt: skip
-                    env=env,
-                )
+        """Start everything; return once Redis and Flower answer. Raises RuntimeError, having
+        stopped what it started, if something cannot start."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly even while starting
+        home = private_dir(self.settings.home)
+        other = running_pid(self.settings)
+        if other is not None and other != os.getpid():
+            raise RuntimeError(f"conveyor is already up in {home} (pid {other}); `conveyor down` stops it")
+        write_private(home / PID_FILE, f"{os.getpid()}\n")
+        try:
+            url = self._start_redis()
+            # The children keep this process's input roots (its current directory among them).
+            env = dict(os.environ, CONVEYOR_REDIS_URL=url, CONVEYOR_INPUT_ROOTS=self.settings.input_roots_env())
+            env.setdefault("CONVEYOR_INPUT_ROOTS", self.settings.input_roots_env())  # `up`'s cwd, for its workers
+            self.supervisor.start(
+                ChildSpec(
+                    "workers",
+                    [sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"],
+                    env=env, restart=True, stop_timeout=STOP_TIMEOUT_S,
+                )  # fmt: skip
             )
-        elif self.with_flower:
-            print("flower is not installed (pip install 'conveyor[monitor]'); running without it", file=sys.stderr)
+            if self.with_flower:
+                self._start_flower(env)
+            self._start_exporter(env)
+        except BaseException:
+            self.stop()
+            raise
+        ready = {"pid": os.getpid(), "flower_url": self.flower_url, "metrics_url": self.metrics_url}
+        write_private(home / READY_FILE, json.dumps(ready))
         return url
 
+    def _start_redis(self) -> str:
+        if self.settings.redis_url:
+            return self.settings.redis_url
+        self.redis = LocalRedis(self.settings.home)
+        orphan = self.redis.stop_orphan()
+        if orphan is not None:
+            self.notes.append(f"stopped redis-server pid {orphan}, left running by a `conveyor up` killed earlier")
+        spec = self.redis.spec()
+        spec.stop_timeout = STOP_TIMEOUT_S
+        self.redis.child = self.supervisor.start(spec)
+        self.redis.wait_ready()
+        self.supervisor.on_restart = self._on_restart
+        return self.redis.url
+
+    def _on_restart(self, child: Child) -> None:
+        if self.redis is not None and child.spec.name == "redis-server":
+            self.redis.child = child  # same config: same port, password and AOF
+            print(f"redis-server restarted on port {self.redis.port} (pid {child.pid})", file=sys.stderr, flush=True)
+
+    def _start_flower(self, env: dict[str, str]) -> None:
+        if importlib.util.find_spec("flower") is None:
+            self.notes.append("flower is not installed (pip install 'conveyor[monitor]'); running without it")
+            return
+        port = self.settings.flower_port
+        if not port_is_free(port):
+            moved = free_port()
+            self.notes.append(f"port {port} is taken; Flower listens on {moved} instead")
+            port = moved
+        user, password = flower_login(self.settings)
+        child = self.supervisor.start(
+            ChildSpec(
+                "flower",
+                [
+                    # producers.flower_secure: `celery`, with Flower's /metrics and /healthcheck behind its login
+                    sys.executable, "-m", "producers.flower_secure", "-A", "producers.flower_app", "flower",
+                    "--address=127.0.0.1", f"--port={port}", "--persistent=False", "--logging=warning",
+                ],
+                # Flower reads FLOWER_<OPTION> variables: the login stays out of `ps`.
+                env={**env, "FLOWER_BASIC_AUTH": f"{user}:{password}"},
+                restart=True, stop_timeout=STOP_TIMEOUT_S,
+            )
+        )  # fmt: skip
+        self.flower_url = f"http://127.0.0.1:{port}/"
+        _wait_for_http(f"{self.flower_url}healthcheck", child, timeout=90.0, what="Flower")
+
+    def _start_exporter(self, env: dict[str, str]) -> None:
+        """Conveyor's Prometheus exporter (producers/exporter.py), behind Flower's login."""
+        if importlib.util.find_spec("prometheus_client") is None:
+            self.notes.append("prometheus-client is not installed (pip install 'conveyor[monitor]'); no metrics")
+            return
+        port = self.settings.metrics_port
+        if not port_is_free(port, self.settings.metrics_address):
+            moved = free_port()
+            self.notes.append(f"port {port} is taken; the metrics exporter listens on {moved} instead")
+            port = moved
+        child = self.supervisor.start(
+            ChildSpec(
+                "exporter", [sys.executable, "-m", "producers.exporter", "--port", str(port)],
+                env=env, restart=True, stop_timeout=STOP_TIMEOUT_S,
+            )
+        )  # fmt: skip
+        host = self.settings.metrics_address
+        self.metrics_url = f"http://{host}:{port}/metrics"
+        _wait_for_http(self.metrics_url, child, timeout=90.0, what="the metrics exporter")
+
     def wait(self) -> int:
-        """Run until Ctrl-C or SIGTERM, or until a child dies."""
-        stop = False
-
-        def on_signal(_signum: int, _frame: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        code = 0
-        while not stop:
-            for child in self.children:
-                if child.poll() is not None:
-                    print(f"{child.args[2] if len(child.args) > 2 else child.args} exited ({child.returncode})")
-                    code, stop = child.returncode or 1, True
-            time.sleep(0.3)
-        self.stop()
-        return code
+        """Run until Ctrl-C or SIGTERM (a second one stops at once); restart children that die."""
+        self.supervisor.install_signal_handlers()
+        try:
+            self.supervisor.run()
+        finally:
+            self.stop()
+        return 0
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in reversed(self.children):
-            try:
-                child.wait(40)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        self.supervisor.stop()
+        home = self.settings.home
         if self.redis is not None:
-            self.redis.stop()
+            (home / REDIS_URL_FILE).unlink(missing_ok=True)
+        (home / READY_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError, ValueError):
+            if int((home / PID_FILE).read_text()) == os.getpid():
+                (home / PID_FILE).unlink()
 
 
-def start_detached(settings: Settings, devices: str, flower: bool) -> int:
-    """Start `conveyor up` in the background; return its pid once Redis answers."""
-    settings.home.mkdir(parents=True, exist_ok=True)
-    pid_file = settings.home / PID_FILE
-    if pid_file.exists() and _alive(int(pid_file.read_text())):
-        return int(pid_file.read_text())
-    args = [sys.executable, "-m", "producers.cli", "up", "--devices", devices] + ([] if flower else ["--no-flower"])
-    with open(settings.home / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-    pid_file.write_text(str(proc.pid))
-    deadline = time.monotonic() + 60
+def _wait_for_http(url: str, child: Child, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`conveyor up` exited with {proc.returncode}; see {settings.home / LOG_FILE}")
+        if not child.alive():
+            raise RuntimeError(f"{what} exited with {child.returncode} before it answered at {url}")
         try:
-            if ping(settings.broker_url()):
-                return proc.pid
-        except RuntimeError:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:  # it answers, and asks for the login
+                return
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"Redis did not come up within 60s; see {settings.home / LOG_FILE}")
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s")
 
 
-def stop_detached(settings: Settings, timeout: float = 60.0) -> bool:
-    pid_file = settings.home / PID_FILE
-    if not pid_file.exists():
-        return False
-    pid = int(pid_file.read_text())
-    if _alive(pid):
+def start_detached(settings: Settings, devices: str | None, flower: bool, timeout: float = 180.0) -> UpState:
+    """Start `conveyor up` in the background; return once it reports itself ready (Redis
+    answers, Flower listens), or raise with the end of its log if it exits first."""
+    home = private_dir(settings.home)
+    other = running_pid(settings)
+    if other is not None:
+        state = read_state(settings)
+        return state if state is not None else UpState(other, None)
+    args = [sys.executable, "-m", "producers.cli", "up"] + (["--devices", devices] if devices else [])
+    args += [] if flower else ["--no-flower"]
+    log_path = home / LOG_FILE
+    with open_private_log(log_path) as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = read_state(settings)
+        if state is not None and state.pid == proc.pid:
+            return state
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"`conveyor up` exited with {proc.returncode}; the end of {log_path}:\n{tail}")
+        time.sleep(0.2)
+    raise RuntimeError(f"`conveyor up` was not ready within {timeout:.0f}s; see {log_path}")
+
+
+def stop_detached(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Stop the `conveyor up` of this home, and a redis-server an `up` killed hard left behind.
+    Returns what was stopped, in words."""
+    stopped = []
+    pid = running_pid(settings)
+    if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
         if _alive(pid):
-            os.killpg(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
-    return True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        stopped.append(f"conveyor up (pid {pid})")
+    if not settings.redis_url:
+        orphan = LocalRedis(settings.home).stop_orphan()
+        if orphan is not None:
+            stopped.append(f"redis-server (pid {orphan}) left running by a `conveyor up` killed earlier")
+    for name in (PID_FILE, READY_FILE):
+        (settings.home / name).unlink(missing_ok=True)
+    return stopped
 
 
 def _alive(pid: int) -> bool:
@@ -157,3 +280,12 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
     except OSError:
         return True
+
+
+def _is_conveyor_up(pid: int) -> bool:
+    """Whether ``pid`` still runs `conveyor up` (a recorded pid may have been reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+    return b"up" in cmdline.split(b"\0")

@@ -11,15 +11,14 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 from shared.names import TRAINING_QUEUE, WORKER_INFERENCE_QUEUES
 from shared.settings import Settings
+from shared.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger("conveyor.launch")
 
@@ -96,56 +95,31 @@ def plan(devices: list[str], settings: Settings, inference: bool = True, trainin
     return specs
 
 
-class Supervisor:
-    def __init__(self, specs: list[WorkerSpec], loglevel: str = "info", exit_with_parent: bool = False) -> None:
-        self.specs = specs
-        self.exit_with_parent = exit_with_parent
-        self.loglevel = loglevel
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.stopping = False
+# Seconds a Celery worker gets to stop warm (jobs in flight go back to the queue) before SIGKILL.
+STOP_TIMEOUT_S = 6.0
 
-    def _start(self, spec: WorkerSpec) -> None:
+
+def supervise(specs: list[WorkerSpec], loglevel: str = "info", exit_with_parent: bool = False) -> int:
+    """Run one Celery worker per spec under the shared supervisor: each restarted if it dies
+    (with back-off), all stopped together on SIGTERM or Ctrl-C, or when our parent dies."""
+    supervisor = Supervisor()
+    supervisor.install_signal_handlers()
+    for spec in specs:
         log.info("starting %s on %s for %s", spec.node, spec.device, ",".join(spec.queues))
-        self.children[spec.node] = subprocess.Popen(spec.command(self.loglevel), env=spec.env())
+        # In our process group: a SIGKILL to the group (as the tests' hard kill does) takes the workers too.
+        child = ChildSpec(
+            spec.node, spec.command(loglevel), env=spec.env(), restart=True, stop_timeout=STOP_TIMEOUT_S, new_session=False
+        )
+        supervisor.start(child)
+    parent = os.getppid()
 
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        for spec in self.specs:
-            self._start(spec)
-        restarts: dict[str, float] = {}
-        parent = os.getppid()
-        while not self.stopping:
-            time.sleep(0.5)
-            if self.exit_with_parent and os.getppid() != parent:  # our owner died: do not linger as orphans
-                log.warning("parent process exited; stopping workers")
-                break
-            for spec in self.specs:
-                child = self.children[spec.node]
-                if child.poll() is not None and not self.stopping:
-                    # Back off so a worker that cannot start does not spin.
-                    if time.monotonic() - restarts.get(spec.node, 0.0) < 5.0:
-                        continue
-                    log.warning("%s exited with %s; restarting", spec.node, child.returncode)
-                    restarts[spec.node] = time.monotonic()
-                    self._start(spec)
-        return self.shutdown()
+    def orphaned() -> bool:
+        if exit_with_parent and os.getppid() != parent:  # our owner died: do not linger as orphans
+            log.warning("parent process exited; stopping workers")
+            return True
+        return False
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.stopping = True
-
-    def shutdown(self, timeout: float = 30.0) -> int:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)  # warm shutdown: running jobs finish or go back
-        deadline = time.monotonic() + timeout
-        for child in self.children.values():
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        return 0
+    return supervisor.run(poll_s=0.5, stop_when=orphaned)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.broker_url()  # fail early, with the message that says how to configure Redis
     only = args.only
     specs = plan(parse_devices(args.devices), settings, inference=only != "training", training=only != "inference")
-    return Supervisor(specs, args.loglevel, args.exit_with_parent).run()
+    return supervise(specs, args.loglevel, args.exit_with_parent)
 
 
 if __name__ == "__main__":
