@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from shared.errors import ConveyorError, describe_validation_error
-from shared.jobs import JOB_MODELS
+from shared.jobs import JOB_MODELS, ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.model_store import ModelStore
 from shared.settings import Settings
 from producers.dlq_cli import dlq_app
@@ -28,7 +28,6 @@ app.add_typer(dlq_app, name="dlq")
 
 Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait with --wait.")]
-Priority = Annotated[int, typer.Option(min=0, max=9, help="0 lowest to 9 most urgent.")]
 
 
 def _print_json(data: Any) -> None:
@@ -80,18 +79,37 @@ def _split(values: str | None) -> list[str] | None:
 
 
 # -- submit -------------------------------------------------------------------------------
+# Every job option defaults to None and is sent only when given: the job schema (shared/jobs.py)
+# stays the one home of defaults, some of which depend on other fields (ALS's regularization).
+def _opt(job: type[JobBase], field: str, text: str | None = None, *flags: str) -> Any:
+    """A typer option for a job field: its help from the schema, with the schema's default."""
+    info = job.model_fields[field]
+    help_text = text or info.description or field.replace("_", " ")
+    default = None if info.is_required() else info.get_default(call_default_factory=False)
+    if default is not None and "Unset:" not in help_text:
+        help_text = f"{help_text} (default: {default})"
+    return typer.Option(*flags, help=help_text)
+
+
+JobPriority = Annotated[int | None, typer.Option(min=0, max=9, help="0 lowest to 9 most urgent (default: 5).")]
+
+
 @submit_app.command("classify")
 def submit_classify(
     text: Annotated[list[str], typer.Option("--text", "-t", help="A text to classify; repeat for many.")],
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels for zero-shot classification.")] = None,
     model: Annotated[str | None, typer.Option(help="A trained classifier in the store: NAME[@N].")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Keep the best k labels.")] = None,
-    priority: Priority = 5,
+    top_k: Annotated[int | None, _opt(ClassifyJob, "top_k")] = None,
+    label_template: Annotated[str | None, _opt(ClassifyJob, "label_template")] = None,
+    priority: JobPriority = None,
     wait: Wait = False,
     timeout: Timeout = 120.0,
 ) -> None:
     """Classify texts, zero-shot against --labels or with a trained --model."""
-    fields = {"texts": text, "labels": _split(labels), "model": model, "top_k": top_k, "priority": priority}
+    fields = {
+        "texts": text, "labels": _split(labels), "model": model, "top_k": top_k, "label_template": label_template,
+        "priority": priority,
+    }  # fmt: skip
     _submit("classify", fields, wait, timeout)
 
 
@@ -99,11 +117,12 @@ def submit_classify(
 def submit_transcribe(
     audio: Annotated[Path, typer.Option(help="A WAV, FLAC or OGG file.")],
     inline: Annotated[bool, typer.Option(help="Send the bytes in the job instead of the path.")] = True,
-    model: Annotated[str, typer.Option(help="A Whisper model in the store.")] = "whisper-tiny.en",
-    language: Annotated[str | None, typer.Option(help="Spoken language (multilingual models).")] = None,
-    beam_size: Annotated[int, typer.Option(help="1 is greedy.")] = 1,
-    timestamps: Annotated[bool, typer.Option(help="Return timed segments.")] = False,
-    priority: Priority = 5,
+    model: Annotated[str | None, _opt(TranscribeJob, "model")] = None,
+    language: Annotated[str | None, _opt(TranscribeJob, "language")] = None,
+    beam_size: Annotated[int | None, _opt(TranscribeJob, "beam_size")] = None,
+    max_new_tokens: Annotated[int | None, _opt(TranscribeJob, "max_new_tokens")] = None,
+    timestamps: Annotated[bool | None, _opt(TranscribeJob, "timestamps", None, "--timestamps/--no-timestamps")] = None,
+    priority: JobPriority = None,
     wait: Wait = False,
     timeout: Timeout = 300.0,
 ) -> None:
@@ -115,24 +134,31 @@ def submit_transcribe(
         if inline
         else {"audio_path": str(audio.resolve())}
     )
-    fields = {**source, "model": model, "language": language, "beam_size": beam_size, "timestamps": timestamps}
-    _submit("transcribe", {**fields, "priority": priority}, wait, timeout)
+    fields = {
+        **source, "model": model, "language": language, "beam_size": beam_size, "max_new_tokens": max_new_tokens,
+        "timestamps": timestamps, "priority": priority,
+    }  # fmt: skip
+    _submit("transcribe", fields, wait, timeout)
 
 
 @submit_app.command("recommend")
 def submit_recommend(
     user: Annotated[list[str], typer.Option("--user", "-u", help="A user id; repeat for many.")],
     model: Annotated[str, typer.Option(help="A recommender in the store: NAME[@N].")],
-    k: Annotated[int, typer.Option(help="Items per user.")] = 10,
-    include_seen: Annotated[bool, typer.Option(help="Keep items the user already interacted with.")] = False,
+    k: Annotated[int | None, _opt(RecommendJob, "k")] = None,
+    include_seen: Annotated[
+        bool | None,
+        typer.Option("--include-seen/--exclude-seen", help="Keep the items a user already interacted with "
+                     "(default: left out)."),
+    ] = None,  # fmt: skip
     candidates: Annotated[str | None, typer.Option(help="Comma-separated item ids to rank.")] = None,
-    priority: Priority = 5,
+    priority: JobPriority = None,
     wait: Wait = False,
     timeout: Timeout = 120.0,
 ) -> None:
     """Top-k items for users from a trained recommender."""
     fields = {
-        "users": user, "model": model, "k": k, "exclude_seen": not include_seen,
+        "users": user, "model": model, "k": k, "exclude_seen": None if include_seen is None else not include_seen,
         "candidates": _split(candidates), "priority": priority,
     }  # fmt: skip
     _submit("recommend", fields, wait, timeout)
@@ -142,17 +168,22 @@ def submit_recommend(
 def submit_train(
     interactions: Annotated[Path, typer.Option(help="CSV/TSV/JSONL with user and item columns (worker path).")],
     output: Annotated[str, typer.Option(help="Name to register the model under.")],
-    model_type: Annotated[str, typer.Option(help="bpr or als.")] = "bpr",
-    factors: int = 64,
-    epochs: int = 10,
-    regularization: float = 1e-4,
+    model_type: Annotated[str | None, _opt(TrainJob, "model_type", "bpr or als.")] = None,
+    factors: Annotated[int | None, _opt(TrainJob, "factors", "Latent factors.")] = None,
+    epochs: Annotated[int | None, _opt(TrainJob, "epochs", "Passes over the data.")] = None,
+    regularization: Annotated[float | None, _opt(TrainJob, "regularization")] = None,
+    learning_rate: Annotated[float | None, _opt(TrainJob, "learning_rate")] = None,
+    batch_size: Annotated[int | None, _opt(TrainJob, "batch_size")] = None,
+    holdout: Annotated[int | None, _opt(TrainJob, "holdout")] = None,
+    seed: Annotated[int | None, _opt(TrainJob, "seed", "Random seed.")] = None,
     wait: Wait = False,
     timeout: Timeout = 3600.0,
 ) -> None:
     """Train a recommender; the model lands in the store as OUTPUT@N."""
     fields = {
         "interactions_path": str(interactions.resolve()), "output_name": output, "model_type": model_type,
-        "factors": factors, "epochs": epochs, "regularization": regularization,
+        "factors": factors, "epochs": epochs, "regularization": regularization, "learning_rate": learning_rate,
+        "batch_size": batch_size, "holdout": holdout, "seed": seed,
     }  # fmt: skip
     _submit("train", fields, wait, timeout)
 
@@ -161,14 +192,15 @@ def submit_train(
 def submit_fine_tune(
     data: Annotated[Path, typer.Option(help="CSV or JSONL with text and label columns (worker path).")],
     output: Annotated[str, typer.Option(help="Name to register the classifier under.")],
-    base_model: str = "all-MiniLM-L6-v2",
-    text_column: str = "text",
-    label_column: str = "label",
-    epochs: int = 3,
-    learning_rate: float = 5e-5,
-    batch_size: int = 16,
-    validation_split: float = 0.1,
-    seed: int = 0,
+    base_model: Annotated[str | None, _opt(FineTuneJob, "base_model", "The model to start from.")] = None,
+    text_column: Annotated[str | None, _opt(FineTuneJob, "text_column", "Column with the text.")] = None,
+    label_column: Annotated[str | None, _opt(FineTuneJob, "label_column", "Column with the label.")] = None,
+    epochs: Annotated[int | None, _opt(FineTuneJob, "epochs", "Passes over the data.")] = None,
+    learning_rate: Annotated[float | None, _opt(FineTuneJob, "learning_rate", "Learning rate.")] = None,
+    batch_size: Annotated[int | None, _opt(FineTuneJob, "batch_size", "Examples per step.")] = None,
+    max_length: Annotated[int | None, _opt(FineTuneJob, "max_length", "Tokens kept per text.")] = None,
+    validation_split: Annotated[float | None, _opt(FineTuneJob, "validation_split", "Share held out.")] = None,
+    seed: Annotated[int | None, _opt(FineTuneJob, "seed", "Random seed.")] = None,
     wait: Wait = False,
     timeout: Timeout = 3600.0,
 ) -> None:
@@ -176,7 +208,8 @@ def submit_fine_tune(
     fields = {
         "data_path": str(data.resolve()), "output_name": output, "base_model": base_model,
         "text_column": text_column, "label_column": label_column, "epochs": epochs,
-        "learning_rate": learning_rate, "batch_size": batch_size, "validation_split": validation_split, "seed": seed,
+        "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length,
+        "validation_split": validation_split, "seed": seed,
     }  # fmt: skip
     _submit("fine-tune", fields, wait, timeout)
 
@@ -232,45 +265,69 @@ def cancel(job_id: str) -> None:
 
 
 # -- running the stack ----------------------------------------------------------------------
+Devices = Annotated[
+    str | None, typer.Option(help="auto, cpu, or GPU indices like 0,1. Default: CONVEYOR_DEVICES (auto).")
+]
+
+
 @app.command()
 def up(
-    devices: Annotated[str, typer.Option(help="auto, cpu, or GPU indices like 0,1.")] = "auto",
+    devices: Devices = None,
     flower: Annotated[bool, typer.Option(help="Start Flower too.")] = True,
     detach: Annotated[bool, typer.Option(help="Run in the background; `conveyor down` stops it.")] = False,
 ) -> None:
     """Redis (embedded unless CONVEYOR_REDIS_URL is set), workers and Flower. Ctrl-C stops all."""
-    from producers.stack import Stack, flower_login, flower_url, start_detached
+    from producers.stack import FLOWER_PASSWORD_FILE, LOG_FILE, Stack, flower_login, start_detached
 
     settings = Settings()
-    if detach:
-        pid = start_detached(settings, devices, flower)
-        typer.echo(f"conveyor is up in the background (pid {pid}); logs in {settings.home / 'up.log'}")
-    else:
-        stack = Stack(settings, devices, flower)
-        stack.start()
-        typer.echo("conveyor is up: Redis, workers" + (" and Flower" if flower else "") + ". Ctrl-C stops all.")
-    if flower:
+    try:
+        if detach:
+            state = start_detached(settings, devices, flower)
+            flower_url, metrics_url = state.flower_url, state.metrics_url
+            typer.echo(f"conveyor is up in the background (pid {state.pid}); logs in {settings.home / LOG_FILE}")
+        else:
+            stack = Stack(settings, devices, flower)
+            stack.start()
+            flower_url, metrics_url = stack.flower_url, stack.metrics_url
+            for note in stack.notes:
+                typer.echo(note, err=True)
+            typer.echo("conveyor is up: Redis, workers" + (" and Flower" if flower_url else "") + ". Ctrl-C stops all.")
+    except RuntimeError as exc:
+        _fail(str(exc))
+    if flower_url:
         user, password = flower_login(settings)
-        typer.echo(f"Flower: {flower_url(settings)}  login {user} / {password}")
+        # The password goes to a terminal, never into a log file.
+        shown = password if sys.stdout.isatty() else f"(password in {settings.home / FLOWER_PASSWORD_FILE})"
+        typer.echo(f"Flower: {flower_url}  login {user} / {shown}", color=False)
+    if metrics_url:
+        typer.echo(f"Prometheus metrics: {metrics_url}  (Flower's login)", color=False)
+    sys.stdout.flush()
     if not detach:
         raise typer.Exit(stack.wait())
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exporter(ctx: typer.Context) -> None:
+    """Serve Conveyor's Prometheus metrics (queues, jobs, batches, workers); `conveyor up` starts it.
+    Options: --address, --port (default CONVEYOR_METRICS_ADDRESS, CONVEYOR_METRICS_PORT)."""
+    from producers.exporter import main as exporter_main
+
+    raise typer.Exit(exporter_main(ctx.args))
+
+
 @app.command()
 def down() -> None:
-    """Stop what `conveyor up --detach` started."""
+    """Stop the `conveyor up` of this CONVEYOR_HOME, and a Redis an `up` killed hard left behind."""
     from producers.stack import stop_detached
 
-    typer.echo("stopped" if stop_detached(Settings()) else "nothing to stop")
+    stopped = stop_detached(Settings())
+    typer.echo("stopped " + "; ".join(stopped) if stopped else "nothing to stop")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(
-    ctx: typer.Context,
-    devices: Annotated[str, typer.Option(help="auto, cpu, or GPU indices like 0,1.")] = "auto",
-) -> None:
+def worker(ctx: typer.Context, devices: Devices = None) -> None:
     """Start workers: one per GPU (or one on the CPU), each pinned to its device."""
-    cmd = [sys.executable, "-m", "workers.launch", "--devices", devices, *ctx.args]
+    cmd = [sys.executable, "-m", "workers.launch", "--devices", devices or Settings().devices, *ctx.args]
     raise typer.Exit(subprocess.call(cmd))
 
 
