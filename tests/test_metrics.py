@@ -44,8 +44,8 @@ def scrape(url: str, login: tuple[str, str] | None = ("conveyor", PASSWORD)) -> 
     }
 
 
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+def value(samples: Samples, metric: str, /, **labels: str) -> float | None:
+    return samples.get((metric, frozenset(labels.items())))
 
 
 def status_of(url: str, login: tuple[str, str] | None) -> int:

@@ -1,0 +1,211 @@
+"""The exporter against real parts: jobs queued with the SDK while no worker consumes them, a real
+training worker that comes up and goes down, `conveyor status`, and Flower's login on its
+/metrics and /healthcheck."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ROOT, WorkerProcess
+from test_metrics import Samples, db_url, exporter_settings, scrape, value
+
+from producers.client import Client
+from producers.exporter import Exporter
+from producers.local_redis import free_port
+from shared.errors import JobFailed
+from shared.jobs import ClassifyJob, RecommendJob, TrainJob, TranscribeJob
+from shared.names import BULK_QUEUES
+from shared.supervisor import ChildSpec, spawn
+
+
+def _fresh_db(redis_url: str, db: int) -> str:
+    url = db_url(redis_url, db)
+    with redis.Redis.from_url(url) as r:
+        r.flushdb()
+    return url
+
+
+@pytest.fixture
+def queued_db(redis_url: str) -> Iterator[str]:
+    url = _fresh_db(redis_url, 12)
+    yield url
+    _fresh_db(redis_url, 12)
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float, detail: Callable[[], str] = str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    pytest.fail(f"{what} not seen within {timeout:.0f}s\n{detail()}")
+
+
+def test_queue_lengths_by_priority_and_oldest_age(queued_db: str, conveyor_env: dict[str, str], tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    ago = lambda s: now - timedelta(seconds=s)  # noqa: E731
+    classify = lambda p, s: ClassifyJob(texts=["a"], labels=["x", "y"], priority=p, submitted_at=ago(s))  # noqa: E731
+    jobs = [
+        classify(9, 100), classify(9, 50), classify(9, 10), classify(5, 40), classify(5, 20),
+        classify(0, 300),  # the oldest sits in the least urgent list
+        # Same list: the first one pushed is the oldest (index -1, taken first).
+        RecommendJob(users=["u1"], model="m", submitted_at=ago(60)), RecommendJob(users=["u2"], model="m", submitted_at=ago(5)),
+        # 40 KB of inline audio: only the head of the message is read.
+        TranscribeJob(audio_b64=base64.b64encode(os.urandom(30_000)), submitted_at=ago(30)),
+    ]  # fmt: skip
+    with Client(queued_db) as client:
+        client.submit_many(jobs)
+        client.redis.lpush("conveyor.training", b"\xffnot a kombu message")  # a foreign producer's garbage
+    exporter = Exporter(exporter_settings(queued_db, tmp_path), port=0).start()
+    try:
+        s = scrape(exporter.url)
+        lengths = {q: value(s, "celery_queue_length", queue_name=q) for q in
+                   ("conveyor.classify", "conveyor.recommend", "conveyor.transcribe", "conveyor.training")}  # fmt: skip
+        assert lengths == {"conveyor.classify": 6, "conveyor.recommend": 2, "conveyor.transcribe": 1, "conveyor.training": 1}
+        for queue in BULK_QUEUES.values():
+            assert value(s, "celery_queue_length", queue_name=queue) == 0
+            assert value(s, "conveyor_queue_oldest_age_seconds", queue_name=queue) == 0
+        by_priority = {
+            p: value(s, "conveyor_queue_length_by_priority", queue_name="conveyor.classify", priority=str(p))
+            for p in range(10)
+        }
+        assert by_priority == {9: 3, 8: 0, 7: 0, 6: 0, 5: 2, 4: 0, 3: 0, 2: 0, 1: 0, 0: 1}
+        assert value(s, "conveyor_queue_length_by_priority", queue_name="conveyor.recommend", priority="5") == 2
+
+        age = lambda q: value(s, "conveyor_queue_oldest_age_seconds", queue_name=q)  # noqa: E731
+        assert 300 <= age("conveyor.classify") < 330
+        assert 60 <= age("conveyor.recommend") < 90
+        assert 30 <= age("conveyor.transcribe") < 60
+        # Garbage cannot be dated: its age counts from when this exporter first saw it.
+        first = age("conveyor.training")
+        assert first is not None and 0 <= first < 5
+        time.sleep(1.1)
+        s = scrape(exporter.url)
+        assert age("conveyor.training") >= first + 1
+        assert value(s, "conveyor_dead_letter_queue_length") == 0
+    finally:
+        exporter.stop()
+
+    # `conveyor status` prints the same numbers.
+    out = subprocess.run(
+        [sys.executable, "-m", "producers.cli", "status"], env=dict(conveyor_env, CONVEYOR_REDIS_URL=queued_db),
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    overview = json.loads(out.stdout)
+    classify_q = overview["queues"]["conveyor.classify"]
+    assert classify_q["length"] == 6 and classify_q["by_priority"] == {"9": 3, "5": 2, "0": 1}
+    assert 300 <= classify_q["oldest_age_s"] < 330
+    assert overview["queues"]["conveyor.recommend"]["length"] == 2
+    assert overview["queues"]["conveyor.training"] == {"length": 1, "by_priority": {"9": 1}, "oldest_age_s": None}
+    assert overview["dead_letter_queue"] == 0 and overview["workers"] == {}
+
+
+@pytest.mark.slow
+def test_worker_up_and_down_and_task_events(redis_url: str, conveyor_env: dict[str, str], tmp_path: Path) -> None:
+    url = _fresh_db(redis_url, 13)
+    exporter = Exporter(exporter_settings(url, tmp_path, metrics_worker_timeout_s=5.0), port=0).start()
+    env = dict(conveyor_env, CONVEYOR_REDIS_URL=url)
+    host = f"train-cpu@{socket.gethostname()}"
+    worker = WorkerProcess(env, tmp_path / "worker.log", ["--only", "training"])
+    samples: Samples = {}
+
+    def up() -> float | None:
+        samples.update(scrape(exporter.url))
+        return value(samples, "celery_worker_up", hostname=host)
+
+    try:
+        _wait_for(f"celery_worker_up {host} 1", lambda: up() == 1, 120, worker.tail)
+        bad = tmp_path / "interactions.csv"
+        bad.write_text("colour,shape\nred,round\n")  # no user and item columns: fails at the worker
+        with Client(url) as client:
+            handle = client.submit(TrainJob(interactions_path=str(bad), output_name="never"))
+            with pytest.raises(JobFailed):
+                handle.result(timeout=60)
+
+        def failed() -> bool:
+            s = scrape(exporter.url)
+            return value(s, "celery_task_failed_total", name="conveyor.train", hostname=host) == 1
+
+        _wait_for("celery_task_failed_total 1", failed, 10)
+        s = scrape(exporter.url)
+        sent = [v for (name, labels), v in s.items() if name == "celery_task_sent_total"
+                and ("name", "conveyor.train") in labels]  # fmt: skip
+        assert sent == [1.0]  # from the producer, under its own hostname
+
+        # A warm shutdown says goodbye (worker-offline): down at once, and listed as down.
+        worker.stop()
+        _wait_for(f"celery_worker_up {host} 0", lambda: up() == 0, 15)
+    finally:
+        worker.stop()
+        exporter.stop()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_down_after_the_heartbeat_timeout(
+    redis_url: str, conveyor_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = _fresh_db(redis_url, 14)
+    exporter = Exporter(exporter_settings(url, tmp_path, metrics_worker_timeout_s=4.0), port=0).start()
+    host = f"train-cpu@{socket.gethostname()}"
+    worker = WorkerProcess(dict(conveyor_env, CONVEYOR_REDIS_URL=url), tmp_path / "worker.log", ["--only", "training"])
+    try:
+        status = lambda: value(scrape(exporter.url), "celery_worker_up", hostname=host)  # noqa: E731
+        _wait_for(f"celery_worker_up {host} 1", lambda: status() == 1, 120, worker.tail)
+        time.sleep(3)
+        assert status() == 1  # heartbeats keep it up
+        worker.kill()  # no goodbye: only the missing heartbeats tell
+        killed = time.monotonic()
+        _wait_for(f"celery_worker_up {host} 0", lambda: status() == 0, 15)
+        assert time.monotonic() - killed >= 1.5  # the last heartbeat (every 2 s) was at most 2 s old
+    finally:
+        worker.stop()
+        exporter.stop()
+
+
+def _get(url: str, login: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(login).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def test_flower_metrics_and_healthcheck_need_the_login(
+    redis_url: str, conveyor_env: dict[str, str], tmp_path: Path
+) -> None:
+    pytest.importorskip("flower")
+    port = free_port()
+    login = ("conveyor", "flower-test-pw")
+    env = dict(conveyor_env, CONVEYOR_REDIS_URL=db_url(redis_url, 15), FLOWER_BASIC_AUTH=":".join(login))
+    argv = [sys.executable, "-m", "producers.flower_secure", "-A", "producers.flower_app", "flower",
+            "--address=127.0.0.1", f"--port={port}", "--persistent=False", "--logging=warning"]  # fmt: skip
+    log = tmp_path / "flower.log"
+    flower = spawn(ChildSpec("flower", argv, env=env, cwd=ROOT, log=log))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for("Flower", lambda: _get(f"{base}/healthcheck", login) == 200, 90, lambda: log.read_text()[-3000:])
+        for path in ("/metrics", "/healthcheck", "/api/workers", "/"):
+            assert _get(base + path) == 401, path
+            assert _get(base + path, ("conveyor", "wrong")) == 401, path
+        assert _get(f"{base}/metrics", login) == 200
+    finally:
+        flower.stop(10)
