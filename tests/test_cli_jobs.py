@@ -106,7 +106,8 @@ CASES = [
     (["transcribe", "--audio", "{audio}", "--no-inline"],
      lambda f: TranscribeJob(audio_path=str(f["audio"]))),
     (["transcribe", "--audio", "{audio}", "--timestamps", "--beam-size", "2"],
-     lambda f: TranscribeJob(audio_b64=base64.b64encode(f["audio"].read_bytes()).decode(), timestamps=True, beam_size=2)),
+     lambda f: TranscribeJob.model_validate(
+         {"audio_b64": base64.b64encode(f["audio"].read_bytes()).decode(), "timestamps": True, "beam_size": 2})),
 ]  # fmt: skip
 
 

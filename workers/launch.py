@@ -108,8 +108,9 @@ def supervise(specs: list[WorkerSpec], loglevel: str = "info", exit_with_parent:
         log.info("starting %s on %s for %s", spec.node, spec.device, ",".join(spec.queues))
         # In our process group: a SIGKILL to the group (as the tests' hard kill does) takes the workers too.
         child = ChildSpec(
-            spec.node, spec.command(loglevel), env=spec.env(), restart=True, stop_timeout=STOP_TIMEOUT_S, new_session=False
-        )
+            spec.node, spec.command(loglevel), env=spec.env(), restart=True, stop_timeout=STOP_TIMEOUT_S,
+            new_session=False,
+        )  # fmt: skip
         supervisor.start(child)
     parent = os.getppid()
 
