@@ -62,7 +62,8 @@ def test_queue_lengths_by_priority_and_oldest_age(queued_db: str, conveyor_env: 
         classify(9, 100), classify(9, 50), classify(9, 10), classify(5, 40), classify(5, 20),
         classify(0, 300),  # the oldest sits in the least urgent list
         # Same list: the first one pushed is the oldest (index -1, taken first).
-        RecommendJob(users=["u1"], model="m", submitted_at=ago(60)), RecommendJob(users=["u2"], model="m", submitted_at=ago(5)),
+        RecommendJob(users=["u1"], model="m", submitted_at=ago(60)),
+        RecommendJob(users=["u2"], model="m", submitted_at=ago(5)),
         # 40 KB of inline audio: only the head of the message is read.
         TranscribeJob(audio_b64=base64.b64encode(os.urandom(30_000)), submitted_at=ago(30)),
     ]  # fmt: skip
@@ -74,7 +75,9 @@ def test_queue_lengths_by_priority_and_oldest_age(queued_db: str, conveyor_env: 
         s = scrape(exporter.url)
         lengths = {q: value(s, "celery_queue_length", queue_name=q) for q in
                    ("conveyor.classify", "conveyor.recommend", "conveyor.transcribe", "conveyor.training")}  # fmt: skip
-        assert lengths == {"conveyor.classify": 6, "conveyor.recommend": 2, "conveyor.transcribe": 1, "conveyor.training": 1}
+        assert lengths == {
+            "conveyor.classify": 6, "conveyor.recommend": 2, "conveyor.transcribe": 1, "conveyor.training": 1
+        }  # fmt: skip
         for queue in BULK_QUEUES.values():
             assert value(s, "celery_queue_length", queue_name=queue) == 0
             assert value(s, "conveyor_queue_oldest_age_seconds", queue_name=queue) == 0

@@ -163,7 +163,7 @@ def test_concurrent_calls_lose_nothing(metrics_db: tuple[str, redis.Redis]) -> N
 
 
 def test_a_failed_flush_keeps_the_counts_for_the_next(metrics_db: tuple[str, redis.Redis]) -> None:
-    url, client = metrics_db
+    _, client = metrics_db
     dead = redis.Redis(unix_socket_path="/nonexistent/redis.sock", retry=Retry(NoBackoff(), 0))
     recorder = WorkerMetrics(dead, "cpu@flaky")
     recorder.job("classify", "FAILURE", 0.1, 0.2)
@@ -180,7 +180,7 @@ def test_a_failed_flush_keeps_the_counts_for_the_next(metrics_db: tuple[str, red
 
 def test_bad_calls_say_what_is_wrong(metrics_db: tuple[str, redis.Redis]) -> None:
     recorder = WorkerMetrics(metrics_db[1], "cpu@x")
-    with pytest.raises(ValueError, match="SUCCESS, FAILURE, REVOKED.*'DONE'"):
+    with pytest.raises(ValueError, match=r"SUCCESS, FAILURE, REVOKED.*'DONE'"):
         recorder.job("classify", "DONE", 0.1, 0.1)
     with pytest.raises(ValueError, match="flush_every_s"):
         WorkerMetrics(metrics_db[1], "cpu@x", flush_every_s=0)
