@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -54,9 +55,12 @@ def test_up_runs_redis_workers_and_flower_and_ctrl_c_stops_them(tmp_path: Path) 
         assert '"label": "weather"' in done.stdout, done.stderr
         password = (tmp_path / "flower.password").read_text().strip()
         flower = f"http://127.0.0.1:{port}"
-        while _get(f"{flower}/healthcheck") != 200 and time.monotonic() < deadline:
+        while _get(f"{flower}/healthcheck", ("conveyor", password)) != 200 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _get(f"{flower}/api/workers") == 401
+        assert _get(f"{flower}/metrics") == 401 and _get(f"{flower}/healthcheck") == 401
+        metrics_url = json.loads((tmp_path / "up.ready").read_text())["metrics_url"]  # Conveyor's exporter
+        assert _get(metrics_url) == 401 and _get(metrics_url, ("conveyor", password)) == 200
         assert _get(f"{flower}/api/workers", ("conveyor", password)) == 200
         assert "redis://" in (tmp_path / "redis.url").read_text()
     finally:
