@@ -254,7 +254,10 @@ def status(job_id: Annotated[str | None, typer.Argument(help="A job id; none: wo
              "error": st.error}  # fmt: skip
         )
         return
-    _print_json({"workers": client.workers(), "queues": client.queue_depths()})
+    from producers.overview import overview
+
+    # The exporter's numbers (queues by priority, oldest job's age, jobs by state, batches).
+    _print_json({"workers": client.workers(), **overview(client.redis)})
 
 
 @app.command()
