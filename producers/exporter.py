@@ -116,25 +116,25 @@ class RedisCollector:
         yield dlq
 
         jobs = CounterMetricFamily("conveyor_jobs", "Finished jobs, by type and state.", labels=["job_type", "state"])
-        for (job_type, state), n in sorted(totals.jobs.items()):
-            jobs.add_metric([job_type, state], n)
+        for (job_type, state), finished in sorted(totals.jobs.items()):
+            jobs.add_metric([job_type, state], finished)
         yield jobs
         for name, per_type in totals.histograms.items():
             metric, help_text = HISTOGRAM_HELP[name]
-            family = HistogramMetricFamily(metric, help_text, labels=["job_type"])
+            histogram = HistogramMetricFamily(metric, help_text, labels=["job_type"])
             for job_type, hist in sorted(per_type.items()):
-                buckets = [(_le(bound), n) for bound, n in hist.cumulative()]
-                family.add_metric([job_type], buckets, sum_value=hist.sum)
-            yield family
+                buckets = [(_le(bound), below) for bound, below in hist.cumulative()]
+                histogram.add_metric([job_type], buckets, sum_value=hist.sum)
+            yield histogram
         for metric, help_text, label, values in (
             ("conveyor_batch_failures", "Batches that raised as a whole.", "job_type", totals.batch_failures),
             ("conveyor_job_retries", "Job retries.", "job_type", totals.retries),
             ("conveyor_dead_letter", "Jobs moved to the dead-letter queue.", "queue_name", totals.dead_letters),
         ):
-            family = CounterMetricFamily(metric, help_text, labels=[label])
-            for key, n in sorted(values.items()):
-                family.add_metric([key], n)
-            yield family
+            counter = CounterMetricFamily(metric, help_text, labels=[label])
+            for key, total in sorted(values.items()):
+                counter.add_metric([key], total)
+            yield counter
         flushed = GaugeMetricFamily(
             "conveyor_worker_metrics_flushed_timestamp_seconds",
             "When each worker last added its job counts to Redis (unix time).",
@@ -194,7 +194,7 @@ class CeleryEvents:
                     self.connected.set()
                     # wakeup: every live worker sends a heartbeat now, so they show at once.
                     self._receiver.capture(limit=None, timeout=None, wakeup=True)
-            except Exception as exc:  # noqa: BLE001 - the receiver must outlive broker hiccups
+            except Exception as exc:  # the receiver must outlive broker hiccups
                 self.connected.clear()
                 if not self._stop.is_set():
                     log.warning("celery events: %s; reconnecting in 1 s", exc)

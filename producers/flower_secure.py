@@ -21,8 +21,8 @@ def protect_flower_endpoints() -> None:
 
     for handler in (monitor.Metrics, monitor.Healthcheck):
         if not getattr(handler.get, "_conveyor_protected", False):
-            handler.get = tornado.web.authenticated(handler.get)  # type: ignore[method-assign]
-            handler.get._conveyor_protected = True  # type: ignore[attr-defined]
+            handler.get = tornado.web.authenticated(handler.get)
+            handler.get._conveyor_protected = True
 
 
 def main() -> None:

@@ -26,13 +26,12 @@ from typing import Any
 import redis
 
 from shared.celery_config import celery_priority
-from shared.names import DEAD_LETTER_KEY, TRAINING_QUEUE, WORKER_INFERENCE_QUEUES
+from shared.names import DEAD_LETTER_KEY, TRAINING_QUEUE, WORKER_INFERENCE_QUEUES, priority_list
 
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default (kept in shared/celery_config.py)
 PRIORITIES = tuple(range(10))  # Conveyor priorities, 9 most urgent
 HEAD_BYTES = 8192  # how much of each oldest message is read
 
-CONVEYOR_QUEUES: tuple[str, ...] = WORKER_INFERENCE_QUEUES + (TRAINING_QUEUE,)
+CONVEYOR_QUEUES: tuple[str, ...] = (*WORKER_INFERENCE_QUEUES, TRAINING_QUEUE)
 
 _READ_LISTS = """
 local out = {}
@@ -50,12 +49,6 @@ return out
 
 _BODY = re.compile(rb'"body":\s*"([A-Za-z0-9+/=]*)')
 _SUBMITTED_AT = re.compile(rb'"submitted_at":\s*"([^"]+)"')
-
-
-def priority_list(queue: str, priority: int) -> str:
-    """The Redis list that holds ``queue``'s jobs of Conveyor priority ``priority``."""
-    step = celery_priority(priority)
-    return queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +85,7 @@ def read_queues(
     first_seen: FirstSeen | None = None,
 ) -> list[QueueStats]:
     """Length per priority and age of the oldest waiting job of each queue, in one round trip."""
-    keys = [priority_list(q, p) for q in queues for p in PRIORITIES]
+    keys = [priority_list(q, celery_priority(p)) for q in queues for p in PRIORITIES]
     reply = client.eval(_READ_LISTS, len(keys), *keys, HEAD_BYTES)
     now = time.time() if now is None else now
     heads: list[tuple[str, bytes]] = []

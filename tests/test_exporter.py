@@ -88,13 +88,17 @@ def test_queue_lengths_by_priority_and_oldest_age(queued_db: str, conveyor_env: 
         assert by_priority == {9: 3, 8: 0, 7: 0, 6: 0, 5: 2, 4: 0, 3: 0, 2: 0, 1: 0, 0: 1}
         assert value(s, "conveyor_queue_length_by_priority", queue_name="conveyor.recommend", priority="5") == 2
 
-        age = lambda q: value(s, "conveyor_queue_oldest_age_seconds", queue_name=q)  # noqa: E731
+        def age(queue: str) -> float:
+            seconds = value(s, "conveyor_queue_oldest_age_seconds", queue_name=queue)
+            assert seconds is not None, f"no age for {queue}"
+            return seconds
+
         assert 300 <= age("conveyor.classify") < 330
         assert 60 <= age("conveyor.recommend") < 90
         assert 30 <= age("conveyor.transcribe") < 60
         # Garbage cannot be dated: its age counts from when this exporter first saw it.
         first = age("conveyor.training")
-        assert first is not None and 0 <= first < 5
+        assert 0 <= first < 5
         time.sleep(1.1)
         s = scrape(exporter.url)
         assert age("conveyor.training") >= first + 1

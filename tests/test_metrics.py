@@ -8,7 +8,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -157,7 +157,8 @@ def test_concurrent_calls_lose_nothing(metrics_db: tuple[str, redis.Redis]) -> N
         t.join()
     recorder.stop()
     assert int(client.hget("conveyor:metrics:jobs", "classify|SUCCESS") or 0) == 20_000
-    hist = {k.decode(): int(float(v)) for k, v in client.hgetall("conveyor:metrics:hist:batch_size").items()}
+    raw = client.hgetall("conveyor:metrics:hist:batch_size")
+    hist = {(k.decode() if isinstance(k, bytes) else k): int(float(v)) for k, v in raw.items()}
     assert sum(v for k, v in hist.items() if not k.endswith("|sum")) == 20_000
     assert hist["classify|sum"] == 4 * sum(1 + i % 8 for i in range(5000))
 
@@ -187,7 +188,7 @@ def test_bad_calls_say_what_is_wrong(metrics_db: tuple[str, redis.Redis]) -> Non
 
 
 # -- reading the submission time of a queued message ----------------------------------------------
-def _kombu_message(job: dict[str, object], extra_headers: dict[str, object] | None = None) -> bytes:
+def _kombu_message(job: Mapping[str, object], extra_headers: Mapping[str, object] | None = None) -> bytes:
     body = base64.b64encode(json.dumps([[job], {}, {"callbacks": None}]).encode()).decode()
     message = {
         "body": body, "content-encoding": "utf-8", "content-type": "application/json",

@@ -132,8 +132,9 @@ class WorkerMetrics:
             self._dead[queue] = self._dead.get(queue, 0) + 1
 
     def _new(self, job_type: str) -> list[float]:
-        counts = self._by_type[job_type] = [0] * _SLOTS
-        return counts  # type: ignore[return-value]
+        counts: list[float] = [0] * _SLOTS
+        self._by_type[job_type] = counts
+        return counts
 
     # -- flushing ------------------------------------------------------------------------------
     def start(self) -> Self:
