@@ -216,3 +216,52 @@ def test_flower_metrics_and_healthcheck_need_the_login(
         assert _get(f"{base}/metrics", login) == 200
     finally:
         flower.stop(10)
+
+
+def test_task_events_sent_in_bulk_are_counted(redis_url: str, tmp_path: Path) -> None:
+    """A worker may send its task events many to a message (a list body, as Celery's buffered
+    dispatcher does); a failure event that carries only the uuid gets its task's name."""
+    url = _fresh_db(redis_url, 15)
+    exporter = Exporter(exporter_settings(url, tmp_path), port=0).start()
+    try:
+        assert exporter.events.connected.wait(20), "the event receiver did not connect"
+        time.sleep(0.5)  # its fanout subscription is live once the consumer loop runs
+        with exporter.app.connection_for_write() as conn:
+            dispatcher = exporter.app.events.Dispatcher(
+                conn, hostname="cpu@bulk", buffer_group=["task"], buffer_limit=100
+            )
+            for i in range(3):
+                dispatcher.send("task-received", uuid=f"job-{i}", name="conveyor.classify")
+            dispatcher.send("task-succeeded", uuid="job-0", runtime=0.25)
+            dispatcher.send("task-failed", uuid="job-1", exception="InvalidJob('x')")
+            dispatcher.flush()  # one message, a list of five events
+            dispatcher.close()
+
+        def counted() -> bool:
+            s = scrape(exporter.url)
+            return (
+                value(s, "celery_task_received_total", name="conveyor.classify", hostname="cpu@bulk") == 3
+                and value(s, "celery_task_failed_total", name="conveyor.classify", hostname="cpu@bulk") == 1
+                and value(s, "celery_task_runtime_count", name="conveyor.classify", hostname="cpu@bulk") == 1
+            )
+
+        _wait_for("the bulk events", counted, 15, lambda: json.dumps({str(k): v for k, v in scrape(exporter.url).items()
+                                                                       if k[0].startswith("celery_task")}))  # fmt: skip
+        s = scrape(exporter.url)
+        assert value(s, "celery_task_succeeded_total", name="conveyor.classify", hostname="cpu@bulk") == 1
+        assert value(s, "celery_task_runtime_sum", name="conveyor.classify", hostname="cpu@bulk") == 0.25
+    finally:
+        exporter.stop()
+
+
+def test_the_monitoring_modules_import_neither_torch_nor_the_workers() -> None:
+    check = (
+        "import sys, producers.exporter, producers.overview, producers.queue_stats, producers.job_stats, "
+        "producers.flower_secure, shared.metrics_keys\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'workers') if m in sys.modules) or 'light')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "light"
