@@ -8,11 +8,23 @@ import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REDIS_URL_FILE = "redis.url"
+
+
+def verified_tls_url(url: str) -> str:
+    """A ``rediss://`` URL that names no ``ssl_cert_reqs`` gets ``ssl_cert_reqs=required``:
+    without it kombu connects without checking the server's certificate (with a warning) and
+    Celery's result backend refuses the URL. The CA is the system's unless the URL names one
+    (``ssl_ca_certs=/path/ca.pem``); redis-py, kombu and Celery's backend all read these."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return url
+    return urlunsplit(parts._replace(query="&".join(q for q in (parts.query, "ssl_cert_reqs=required") if q)))
 
 
 class Settings(BaseSettings):
@@ -132,7 +144,7 @@ class Settings(BaseSettings):
     def broker_url(self) -> str:
         """The Redis URL to use: the configured one, or the embedded one recorded by `conveyor up`."""
         if self.redis_url:
-            return self.redis_url
+            return verified_tls_url(self.redis_url)
         recorded = self.home / REDIS_URL_FILE
         if recorded.exists():
             return recorded.read_text().strip()
