@@ -86,7 +86,14 @@ def read_queues(
 ) -> list[QueueStats]:
     """Length per priority and age of the oldest waiting job of each queue, in one round trip."""
     keys = [priority_list(q, celery_priority(p)) for q in queues for p in PRIORITIES]
-    reply = client.eval(_READ_LISTS, len(keys), *keys, HEAD_BYTES)
+    try:
+        reply = client.eval(_READ_LISTS, len(keys), *keys, HEAD_BYTES)
+    except redis.ResponseError:  # a Redis without Lua scripting: whole messages, in one pipeline
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.llen(key)
+            pipe.lindex(key, -1)
+        reply = pipe.execute()
     now = time.time() if now is None else now
     heads: list[tuple[str, bytes]] = []
     stats = []

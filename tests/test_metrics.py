@@ -209,3 +209,21 @@ def test_submitted_at_from_whole_and_cut_messages_and_garbage() -> None:
     for garbage in (b"", b"\xff\xfe", b"[1, 2]", b'{"body": 3}', b'{"body": "!!!"}', _kombu_message({"id": "x"}),
                     _kombu_message({"submitted_at": "yesterday"}), b'{"body": "W1t7InN1Ym1pd"'):  # fmt: skip
         assert submitted_at(garbage) is None, garbage
+
+
+def test_queue_reading_without_lua_gives_the_same_numbers(metrics_db: tuple[str, redis.Redis]) -> None:
+    from producers.queue_stats import read_queues
+
+    _, client = metrics_db
+    client.lpush("conveyor.classify", _kombu_message({"submitted_at": 1000.0}))
+    client.lpush("conveyor.classify\x06\x164", _kombu_message({"submitted_at": 1500.0}), b"junk")
+
+    class NoLua(redis.Redis):
+        def eval(self, *args: object, **kwargs: object) -> object:
+            raise redis.ResponseError("unknown command 'EVAL'")
+
+    no_lua = NoLua(connection_pool=client.connection_pool)
+    for reader in (client, no_lua):
+        (stats,) = read_queues(reader, ["conveyor.classify"], now=2000.0)
+        assert stats.by_priority[9] == 1 and stats.by_priority[5] == 2 and stats.length == 3
+        assert stats.oldest_age_s == 1000.0
