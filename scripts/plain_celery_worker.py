@@ -50,4 +50,4 @@ def classify(text: str, labels: list[str]) -> dict[str, Any]:
     (out,) = _runner("classify").run_batch([ClassifyItem(text, tuple(labels), None, None, "This text is about {}.")])
     if isinstance(out, BaseException):
         raise out
-    return dict(out.model_dump(mode="json"))
+    return dict(out)

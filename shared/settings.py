@@ -7,6 +7,7 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -71,6 +72,37 @@ class Settings(BaseSettings):
         default=4096, ge=1, description="Memory bound of a worker's loaded-model cache (least recently used evicted)."
     )
     devices: str = Field(default="auto", description="Worker devices: auto, cpu, or GPU indices such as 0,1.")
+    ingest: bool = Field(
+        default=True,
+        description="Inference workers take their jobs many at a time (bulk ingest); false: Celery's "
+        "one-task-per-job path, for comparison.",
+    )
+    prefetch_items: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Most inference items (texts, users, audio files) a worker holds at once. 0: two batches "
+        "(2 x max_batch_size), so an urgent job starts within a batch or two.",
+    )
+    task_events: Literal["all", "failures", "none"] = Field(
+        default="all",
+        description="Task events the inference fast path sends (in bulk) for Flower: all, failures, none.",
+    )
+    inference_time_limit_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="An inference job held longer than this is given up and redelivered: a hung batch "
+        "never holds a job forever.",
+    )
+    max_retries: int = Field(
+        default=3, ge=0, le=100, description="Retries of a job that failed transiently (out of memory, lost connection)."
+    )
+    retry_backoff_s: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=3600.0,
+        description="Base of the exponential backoff (with full jitter) between retries, in seconds.",
+    )
     device: str = Field(
         default="auto",
         description="The torch device of one worker process (cpu, cuda:0); set by `conveyor worker` for each "
@@ -164,6 +196,9 @@ class Settings(BaseSettings):
 
     def concurrency(self) -> int:
         return self.worker_concurrency or 4 * self.max_batch_size
+
+    def prefetch(self) -> int:
+        return self.prefetch_items or 2 * self.max_batch_size
 
 
 def get_settings() -> Settings:

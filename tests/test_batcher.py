@@ -87,7 +87,7 @@ def test_a_bad_item_fails_alone_and_its_batch_mates_succeed() -> None:
     assert runner.batches == [[2, -1, 3]]
 
 
-def test_a_batch_that_raises_is_retried_item_by_item() -> None:
+def test_a_batch_that_raises_is_retried_in_halves_until_the_poison_is_alone() -> None:
     calls: list[list[int]] = []
 
     def fragile(items: list[int]) -> list[int]:
@@ -102,8 +102,32 @@ def test_a_batch_that_raises_is_retried_item_by_item() -> None:
         assert f2.result(timeout=5).value == 3
         with pytest.raises(RuntimeError, match="poisoned input 13"):
             f13.result(timeout=5)
-        assert b.stats.whole_batch_failures == 1
-    assert calls[0] == [1, 13, 2] and sorted(calls[1:]) == [[1], [2], [13]]
+        assert b.stats.whole_batch_failures == 2
+    # [1, 13, 2] -> [1] and [13, 2] -> [13] and [2]: bisection, not one call per item.
+    assert calls == [[1, 13, 2], [1], [13, 2], [13], [2]]
+
+
+class FakeOutOfMemory(RuntimeError):
+    """Stands for torch.OutOfMemoryError: the batcher is pure and must not need torch."""
+
+
+def test_a_batch_too_large_for_memory_runs_as_smaller_batches() -> None:
+    sizes: list[int] = []
+    observed: list[tuple[int, bool]] = []
+
+    def small_device(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(items) > 2:
+            raise FakeOutOfMemory(f"cannot fit {len(items)} items")
+        return [i * 10 for i in items]
+
+    b = Batcher(small_device, BatchPolicy(max_batch_size=8, max_wait_s=1.0))
+    b.on_batch = lambda size, failed: observed.append((size, failed))
+    with b:
+        futures = b.submit_many(list(range(8)))
+        assert [f.result(timeout=5).value for f in futures] == [i * 10 for i in range(8)]
+    assert sizes[0] == 8 and max(sizes[1:]) <= 4 and all(s <= 2 for s in sizes if s not in (8, 4))
+    assert (8, True) in observed and sum(size for size, failed in observed if not failed) == 8
 
 
 def test_a_runner_returning_the_wrong_count_is_caught() -> None:

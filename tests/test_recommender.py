@@ -131,9 +131,10 @@ def seen_by(path: Path) -> dict[str, set[str]]:
     return seen
 
 
-def ok(result: UserRecommendations | BaseException | None) -> UserRecommendations:
-    assert isinstance(result, UserRecommendations), result
-    return result
+def ok(result: dict[str, object] | BaseException | None) -> UserRecommendations:
+    # run_batch returns plain dicts shaped as UserRecommendations; validating checks that shape.
+    assert isinstance(result, dict), result
+    return UserRecommendations.model_validate(result)
 
 
 def items_of(result: UserRecommendations) -> set[str]:

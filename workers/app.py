@@ -1,5 +1,12 @@
 """The worker's Celery app. Started by ``workers.launch`` (``conveyor worker``), one process
-per device, each with CUDA_VISIBLE_DEVICES set before torch is imported."""
+per device, each with CUDA_VISIBLE_DEVICES set before torch is imported.
+
+An inference worker is an ordinary Celery worker (control commands, ``celery inspect``,
+heartbeats, revokes, events) whose inference queues are taken off Celery's consumer at
+start-up and served by the bulk ingest (``workers.ingest``) instead; Celery's consumer keeps
+a per-node queue, so its loop (and kombu's visibility-timeout restore in it) runs as usual.
+Training jobs take Celery's ordinary per-task path (``workers.tasks``).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,13 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.worker import control as worker_control
 from celery.worker import state as worker_state
+from kombu import Queue
 
 from shared.celery_config import celery_config
+from shared.names import BULK_QUEUES, INFERENCE_QUEUES
 from shared.redis_clients import reuse_redis_clients
 from shared.settings import Settings
 from workers.leases import LeaseKeeper
@@ -22,66 +32,164 @@ log = logging.getLogger(__name__)
 
 reuse_redis_clients()
 settings = Settings()
-app = Celery("conveyor", set_as_current=True)
+app = Celery("conveyor", set_as_current=True, include=["workers.tasks"])
 app.conf.update(celery_config(settings))
 app.conf.update(
-    # Each thread holds one job while it waits for its batch; the prefetch window must be
-    # at least a batch wide or batches never fill.
     worker_prefetch_multiplier=1,
     worker_pool="threads",
     worker_concurrency=settings.concurrency(),
     worker_hijack_root_logger=False,
 )
 
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-_leases: LeaseKeeper | None = None
+
+class _Process:
+    """What one worker process owns, built once the worker has started (never at import)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hostname = "unknown"
+        self.runtime: Runtime | None = None
+        self.ingest: Any = None
+        self.ingest_queues: list[str] = []
+        self.leases: LeaseKeeper | None = None
+        self.metrics: Any = None
+
+
+process = _Process()
 
 
 def runtime() -> Runtime:
-    """The process's runtime, built on first use (after the worker started, never at import)."""
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = Runtime(settings)
-        return _runtime
+    """The process's runtime (models, batchers), built on first use."""
+    with process.lock:
+        if process.runtime is None:
+            process.runtime = Runtime(settings, worker=process.hostname, on_batch=_on_batch)
+        return process.runtime
+
+
+def _on_batch(job_type: str, size: int, failed: bool) -> None:
+    if process.metrics is not None:
+        process.metrics.batch(job_type, size)
+        if failed:
+            process.metrics.batch_failed(job_type)
+
+
+@celeryd_after_setup.connect
+def _take_inference_queues(sender: str, instance: Any, **_: Any) -> None:
+    """Move the inference queues from Celery's consumer to the bulk ingest."""
+    process.hostname = sender
+    if not settings.ingest:
+        return
+    consumed = set(app.amqp.queues.consume_from)
+    mine = [q for q in (*INFERENCE_QUEUES, *BULK_QUEUES.values()) if q in consumed]
+    if not mine:
+        return
+    process.ingest_queues = mine
+    app.amqp.queues.deselect(mine)
+    # Celery's consumer needs a queue of its own: its loop runs control commands and kombu's
+    # restore of messages whose worker died.
+    app.amqp.queues.select_add(Queue(f"conveyor.direct.{sender}", routing_key=f"conveyor.direct.{sender}"))
+
+
+@worker_control.inspect_command()
+def active_queues(state: Any) -> list[dict[str, Any]]:
+    """List the task queues a worker is currently consuming from (Celery's and the ingest's)."""
+    consumer = state.consumer.task_consumer
+    queues = list(consumer.queues) if consumer else []
+    queues += [app.amqp.queues[name] for name in process.ingest_queues]
+    return [dict(queue.as_dict(recurse=True)) for queue in queues]
 
 
 def _held_delivery_tags() -> list[str]:
+    tags: list[str] = []
+    if process.ingest is not None:
+        tags.extend(process.ingest.held_tags())
     for _ in range(5):  # the sets change under us as jobs come and go; a retry is enough
         try:
             requests = list(worker_state.reserved_requests) + list(worker_state.active_requests)
-            tags = (getattr(r.message, "delivery_tag", None) for r in requests)
-            return [str(tag) for tag in tags if tag]
+            found = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
+            return tags + [str(tag) for tag in found if tag]
         except RuntimeError:
             continue
-    return []
+    return tags
 
 
 @worker_ready.connect
-def _start_leases(**_: Any) -> None:
-    global _leases
+def _start(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None) or process.hostname
+    process.hostname = hostname
     client = redis.Redis.from_url(settings.broker_url())
-    _leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
+    try:
+        from workers.metrics import WorkerMetrics
+
+        process.metrics = WorkerMetrics(redis.Redis.from_url(settings.broker_url()), hostname).start()
+    except Exception:  # metrics are for watching: never a reason not to serve
+        log.exception("worker metrics are off")
+    if process.ingest_queues:
+        _start_ingest(hostname)
+    process.leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
 
 
-@worker_ready.connect
-def _warm_up(sender: Any = None, **_: Any) -> None:
-    # Load the default model now so the first jobs do not pay for it. Only inference workers.
-    queues = {q.name for q in getattr(sender, "app", app).amqp.queues.consume_from.values()}
-    if "conveyor.classify" in queues:
-        try:
-            runtime().classify_batcher()
+def _start_ingest(hostname: str) -> None:
+    from workers.ingest import Ingest
+    from workers.task_events import TaskEvents
+
+    rt = runtime()
+    if "conveyor.classify" in process.ingest_queues:
+        try:  # load the default model now, so the first jobs do not pay for it
+            rt.kind("classify")
         except Exception:  # a missing model must not stop the worker; jobs will get the error
             log.exception("warm-up failed")
+    url = settings.broker_url()
+    process.ingest = Ingest(
+        redis.Redis.from_url(url),
+        rt,
+        redis.Redis.from_url(url),
+        TaskEvents(app, hostname, settings.task_events),
+        hostname=hostname,
+        queues=[q for q in process.ingest_queues if q in INFERENCE_QUEUES],
+        bulk_queues=[q for q in process.ingest_queues if q in BULK_QUEUES.values()],
+        prefetch_items=settings.prefetch(),
+        result_ttl_s=settings.result_ttl_s,
+        time_limit_s=settings.inference_time_limit_s,
+        max_retries=settings.max_retries,
+        retry_backoff_s=settings.retry_backoff_s,
+        revoked=worker_state.revoked,
+        on_active=_on_active,
+        on_outcome=_on_outcome,
+    ).start()
+    log.info("bulk ingest serving %s", ", ".join(process.ingest_queues))
+
+
+def _on_active(entry: Any, running: bool) -> None:
+    # `celery inspect active` and the heartbeat's active count read these sets.
+    if running:
+        worker_state.active_requests.add(entry)
+    else:
+        worker_state.active_requests.discard(entry)
+        worker_state.total_count[entry.env.task or "unknown"] += 1
+        worker_state.all_total_count[0] += 1
+
+
+def _on_outcome(entry: Any, outcome: Any) -> None:
+    metrics = process.metrics
+    if metrics is None:
+        return
+    if outcome.dead_letter is not None:
+        metrics.dead_lettered(outcome.env.queue or "unknown")
+    if entry is not None and outcome.state:
+        queue_s = max(0.0, entry.received - entry.job.submitted_at.timestamp())
+        metrics.job(entry.job_type, outcome.state, queue_s, outcome.runtime)
+        if outcome.env.retries:
+            metrics.retried(entry.job_type)
 
 
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
-    if _leases is not None:
-        _leases.stop()
-    if _runtime is not None:
-        _runtime.stop()
-
-
-import workers.tasks  # noqa: E402,F401  - registers the tasks (needs `app` and `runtime` above)
+    if process.ingest is not None:
+        process.ingest.stop()
+    if process.leases is not None:
+        process.leases.stop()
+    if process.runtime is not None:
+        process.runtime.stop()
+    if process.metrics is not None:
+        process.metrics.stop()

@@ -4,8 +4,10 @@ Callers ``submit`` items from any thread and get a future. One thread, the only 
 touches the model and the device, collects items until ``max_batch_size``, or
 ``max_wait_s`` after the batch's first item, or the token budget, then calls
 ``run_batch(items) -> results`` (one result per item, in order; an exception instance in
-place of a result fails that item alone). If ``run_batch`` raises, each item of the batch is
-retried alone before any is failed, so one poisonous input cannot sink its batch-mates.
+place of a result fails that item alone). If ``run_batch`` raises, the batch is split in
+halves and each half retried, down to single items, before any item is failed: one poisonous
+input cannot sink its batch-mates, and a batch too large for the device's memory (an
+out-of-memory error) runs as smaller ones.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Batcher(Generic[I, O]):
         self._carry: _Pending[I, O] | None = None  # an item that did not fit the last batch's budget
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Called after each forward pass with its size and whether it raised as a whole (metrics).
+        self.on_batch: Callable[[int, bool], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Batcher[I, O]:
@@ -187,6 +191,11 @@ class Batcher(Generic[I, O]):
     def _run(self, batch: list[_Pending[I, O]]) -> None:
         if self._sort and len(batch) > 1:
             batch = sorted(batch, key=lambda p: p.cost)  # neighbours of similar length pad less
+        self._run_split(batch)
+
+    def _run_split(self, batch: list[_Pending[I, O]]) -> None:
+        """Run ``batch``; if it raises as a whole, run each half the same way (bisection finds a
+        poisonous item in log2(n) passes, and an out-of-memory batch shrinks until it fits)."""
         size = len(batch)
         self.stats.record(size)
         try:
@@ -194,26 +203,26 @@ class Batcher(Generic[I, O]):
             if len(results) != size:
                 raise RuntimeError(f"runner returned {len(results)} results for {size} items")
         except Exception as exc:
+            self._observe(size, True)
             if size == 1:
                 batch[0].future.set_exception(exc)
                 return
             self.stats.whole_batch_failures += 1
-            log.warning("%s: a batch of %d raised %r; retrying its items one by one", self.name, size, exc)
-            for pending in batch:
-                self._run_alone(pending)
+            log.warning("%s: a batch of %d raised %r; retrying it in halves", self.name, size, exc)
+            half = size // 2
+            self._run_split(batch[:half])
+            self._run_split(batch[half:])
             return
+        self._observe(size, False)
         for pending, result in zip(batch, results):
             _settle(pending.future, result, size)
 
-    def _run_alone(self, pending: _Pending[I, O]) -> None:
-        self.stats.record(1)
-        try:
-            results = list(self._run_batch([pending.item]))
-            if len(results) != 1:
-                raise RuntimeError(f"runner returned {len(results)} results for 1 item")
-            _settle(pending.future, results[0], 1)
-        except Exception as exc:
-            pending.future.set_exception(exc)
+    def _observe(self, size: int, failed: bool) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(size, failed)
+            except Exception:  # metrics must never fail a batch
+                log.exception("%s: batch observer failed", self.name)
 
 
 def _settle(future: Future[Batched[O]], result: O | BaseException, size: int) -> None:

@@ -1,44 +1,68 @@
 """Per-process worker state: the device, the model store and cache, and one batcher per
-inference job type. Built once, after the worker has started (never at import time)."""
+inference job type; and the one path every inference job takes through them.
+
+``Runtime.submit`` takes validated jobs (many at once, from the bulk ingest), checks each
+deadline, lets the job's kind prepare it (model pinned, texts tokenized, audio decoded),
+hands its items to the kind's batcher, and calls ``done(job, result_or_error)`` when the
+last item is out. ``Runtime.run`` is the same for one job, waiting. Built once, after the
+worker has started (never at import time).
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 from shared.errors import JobExpired
-from shared.jobs import ClassifyJob, JobBase, RecommendJob, TranscribeJob
+from shared.jobs import JobBase
 from shared.model_store import ModelStore
-from shared.results import ClassifyResult, JobMeta, RecommendResult, TranscribeResult
 from shared.settings import Settings
 from workers.batcher import Batched, Batcher, BatchPolicy
+from workers.kinds import JobKind, Prepared
 from workers.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 
-DEVICE_ENV = "CONVEYOR_DEVICE"  # set by the launcher per worker process: cpu or cuda:0
+Done = Callable[[JobBase, "dict[str, Any] | BaseException"], None]
+BatchObserver = Callable[[str, int, bool], None]  # job type, batch size, whole batch failed
 
 
-def pick_device() -> str:
+def pick_device(wanted: str) -> str:
     import torch
 
-    wanted = os.environ.get(DEVICE_ENV, "auto")
     if wanted == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     return wanted
 
 
+def _build_kind(job_type: str, store: ModelStore, cache: ModelCache, device: str) -> JobKind:
+    if job_type == "classify":
+        from workers.runners.classify import ClassifyKind
+
+        return ClassifyKind(store, cache, device)
+    if job_type == "transcribe":
+        from workers.runners.transcribe import TranscribeKind
+
+        return TranscribeKind(store, cache, device)
+    if job_type == "recommend":
+        from workers.runners.recommend import RecommendKind
+
+        return RecommendKind(store, cache, device)
+    raise ValueError(f"{job_type!r} is not an inference job type")
+
+
 class Runtime:
-    def __init__(self, settings: Settings, device: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, worker: str = "unknown", device: str | None = None, on_batch: BatchObserver | None = None
+    ) -> None:
         self.settings = settings
-        self.device = device or pick_device()
+        self.worker = worker
+        self.device = pick_device(device or settings.device)
         self.store = ModelStore(settings.models_path)
         self.cache = ModelCache(settings.model_cache_mb * 1024 * 1024)
         self.policy = BatchPolicy(
@@ -46,132 +70,154 @@ class Runtime:
             max_wait_s=settings.max_wait_ms / 1000.0,
             token_budget=settings.token_budget,
         )
+        self.on_batch = on_batch
+        self._kinds: dict[str, JobKind] = {}
         self._batchers: dict[str, Batcher[Any, Any]] = {}
         self._lock = threading.Lock()
+        # Slow preparation (audio decoding) runs here, in parallel with the model.
+        self._slow = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
 
-    def batcher(self, job_type: str, build: Callable[[], Batcher[Any, Any]]) -> Batcher[Any, Any]:
+    # -- kinds and batchers --------------------------------------------------------------
+    def kind(self, job_type: str) -> JobKind:
         with self._lock:
-            if job_type not in self._batchers:
-                self._batchers[job_type] = build().start()
-            return self._batchers[job_type]
+            if job_type not in self._kinds:
+                kind = _build_kind(job_type, self.store, self.cache, self.device)
+                policy = self.policy
+                wide = getattr(kind, "min_batch_size", None)
+                if wide:  # e.g. recommend: a user is one row of a matrix product
+                    policy = BatchPolicy(max(policy.max_batch_size, wide), policy.max_wait_s, None)
+                batcher = kind.build_batcher(policy)
+                batcher.on_batch = self._observer(job_type)
+                self._batchers[job_type] = batcher.start()
+                self._kinds[job_type] = kind
+            return self._kinds[job_type]
+
+    def batcher(self, job_type: str) -> Batcher[Any, Any]:
+        self.kind(job_type)
+        return self._batchers[job_type]
+
+    def _observer(self, job_type: str) -> Callable[[int, bool], None] | None:
+        if self.on_batch is None:
+            return None
+        on_batch = self.on_batch
+        return lambda size, failed: on_batch(job_type, size, failed)
 
     def stop(self) -> None:
         with self._lock:
-            batchers, self._batchers = list(self._batchers.values()), {}
+            batchers, self._batchers, self._kinds = list(self._batchers.values()), {}, {}
         for batcher in batchers:
             batcher.stop()
+        self._slow.shutdown(wait=False, cancel_futures=True)
 
-    # -- classify ------------------------------------------------------------------------
-    def classify_batcher(self) -> Batcher[Any, Any]:
-        def build() -> Batcher[Any, Any]:
-            from workers.runners.classify import ClassifyRunner
-
-            runner = ClassifyRunner(self.store, self.cache, self.device)
-            runner.warm_up()
-            return Batcher(runner.run_batch, self.policy, cost=runner.cost, name="classify-batcher")
-
-        return self.batcher("classify", build)
-
-    def classify(self, job: ClassifyJob, worker: str) -> ClassifyResult:
-        from workers.runners.classify import EMBEDDER, ClassifyItem
-
-        started = time.monotonic()
+    # -- the path of a job -----------------------------------------------------------------
+    def submit(self, jobs: Sequence[JobBase], done: Done) -> None:
+        """Start ``jobs`` (of any inference types); ``done`` is called once per job, from a
+        batcher thread or this one, with its result body or the error that failed it."""
         picked_at = datetime.now(UTC)
-        check_deadline(job)
-        model_ref = None
-        if job.model is not None:
-            model_ref = self.store.resolve(job.model).ref  # fail fast, and pin @latest for the whole job
-        labels = tuple(job.labels) if job.labels else None
-        batcher = self.classify_batcher()
-        items = [ClassifyItem(t, labels, model_ref, job.top_k, job.label_template) for t in job.texts]
-        futures = batcher.submit_many(items)
-        outs = wait_all(futures)
-        return ClassifyResult(
-            job_id=job.id,
-            results=[o.value for o in outs],
-            meta=self.meta(job, worker, model_ref or EMBEDDER, outs, started, picked_at),
-        )
-
-    # -- transcribe ----------------------------------------------------------------------
-    def transcribe_batcher(self) -> Batcher[Any, Any]:
-        def build() -> Batcher[Any, Any]:
-            from workers.runners.transcribe import TranscribeRunner
-
-            runner = TranscribeRunner(self.store, self.cache, self.device)
-            # Each item is one 30 s window: the batch size bounds the windows per generate call.
-            return Batcher(runner.run_batch, self.policy, cost=runner.cost, name="transcribe-batcher")
-
-        return self.batcher("transcribe", build)
-
-    def transcribe(self, job: TranscribeJob, worker: str) -> TranscribeResult:
-        from workers.audio import SAMPLE_RATE, load_job_audio
-        from workers.runners.transcribe import DecodeOptions, split_windows, stitch
-
         started = time.monotonic()
-        picked_at = datetime.now(UTC)
-        check_deadline(job)
-        version = self.store.resolve(job.model)  # fail fast on an unknown model, before decoding audio
-        options = replace(DecodeOptions.from_job(job), model=version.ref)  # @latest pinned for every window
-        audio = load_job_audio(job)  # decoding happens in this task thread, in parallel with the model
-        windows = split_windows(audio, options)
-        outs = wait_all(self.transcribe_batcher().submit_many(windows))
-        text, segments = stitch(windows, [o.value for o in outs])
-        return TranscribeResult(
-            job_id=job.id,
-            text=text,
-            duration_s=round(audio.numel() / SAMPLE_RATE, 3),
-            language=outs[0].value.language,
-            segments=segments if job.timestamps else None,
-            meta=self.meta(job, worker, version.ref, outs, started, picked_at),
-        )
+        by_type: dict[str, list[JobBase]] = {}
+        for job in jobs:
+            try:
+                check_deadline(job)
+            except JobExpired as exc:
+                done(job, exc)
+                continue
+            by_type.setdefault(job.type, []).append(job)
+        for job_type, group in by_type.items():
+            try:
+                kind = self.kind(job_type)
+            except Exception as exc:  # a model that cannot load fails these jobs, not the worker
+                log.exception("cannot serve %s jobs", job_type)
+                for job in group:
+                    done(job, exc)
+                continue
+            if kind.slow_prepare:
+                for job in group:  # one job per task: a slow file does not hold up the others
+                    self._slow.submit(self._start, kind, [job], done, picked_at, started)
+            else:
+                self._start(kind, group, done, picked_at, started)
 
-    # -- recommend -----------------------------------------------------------------------
-    def recommend_batcher(self) -> Batcher[Any, Any]:
-        def build() -> Batcher[Any, Any]:
-            from workers.runners.recommend import RecommendRunner
+    def _start(self, kind: JobKind, jobs: list[JobBase], done: Done, picked_at: datetime, started: float) -> None:
+        try:
+            prepared = kind.prepare(jobs)
+        except Exception as exc:
+            prepared = [exc] * len(jobs)
+        batcher = self._batchers[kind.job_type]
+        for job, prep in zip(jobs, prepared):
+            if isinstance(prep, BaseException):
+                done(job, prep)
+                continue
+            gather = _Gather(self, kind, job, prep, done, picked_at, started)
+            gather.attach(batcher.submit_many(prep.items))
 
-            runner = RecommendRunner(self.store, self.cache, self.device)
-            # Users from many jobs share one matrix product; the batch is wider than for text.
-            policy = BatchPolicy(max(self.policy.max_batch_size, 512), self.policy.max_wait_s, None)
-            return Batcher(runner.run_batch, policy, cost=runner.cost, name="recommend-batcher")
+    def run(self, job: JobBase, timeout: float | None = None) -> dict[str, Any]:
+        """One job, waiting for its result (Celery's per-task path uses this)."""
+        box: Future[dict[str, Any]] = Future()
 
-        return self.batcher("recommend", build)
+        def done(_job: JobBase, out: dict[str, Any] | BaseException) -> None:
+            if isinstance(out, BaseException):
+                box.set_exception(out)
+            else:
+                box.set_result(out)
 
-    def recommend(self, job: RecommendJob, worker: str) -> RecommendResult:
-        from workers.runners.recommend import RecommendItem
+        self.submit([job], done)
+        return box.result(timeout)
 
-        started = time.monotonic()
-        picked_at = datetime.now(UTC)
-        check_deadline(job)
-        ref = self.store.resolve(job.model).ref  # pin @latest for the whole job
-        candidates = tuple(job.candidates) if job.candidates else None
-        items = [RecommendItem(ref, user, job.k, job.exclude_seen, candidates) for user in job.users]
-        outs = wait_all(self.recommend_batcher().submit_many(items))
-        return RecommendResult(
-            job_id=job.id,
-            results=[o.value for o in outs],
-            meta=self.meta(job, worker, ref, outs, started, picked_at),
-        )
-
-    def meta(
-        self, job: JobBase, worker: str, model: str, outs: list[Batched[Any]], started: float, picked_at: datetime
-    ) -> JobMeta:
-        return JobMeta(
-            worker=worker,
-            device=self.device,
-            model=model,
-            batch_sizes=[o.batch_size for o in outs],
-            queue_ms=round((picked_at - job.submitted_at).total_seconds() * 1000.0, 3),
-            run_ms=round((time.monotonic() - started) * 1000.0, 3),
-        )
+    def meta(self, job: JobBase, model: str, sizes: list[int], picked_at: datetime, started: float) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "device": self.device,
+            "model": model,
+            "batch_sizes": sizes,
+            "queue_ms": round((picked_at - job.submitted_at).total_seconds() * 1000.0, 3),
+            "run_ms": round((time.monotonic() - started) * 1000.0, 3),
+        }
 
 
-def wait_all(futures: list[Future[Batched[Any]]]) -> list[Batched[Any]]:
-    """Every item's output; the first failure (in item order) fails the job."""
-    outs = []
-    for future in futures:
-        outs.append(future.result())
-    return outs
+class _Gather:
+    """Collects one job's item outputs; the job is done when the last one is in, or failed
+    at its first error (in item order is not kept: the first to arrive wins)."""
+
+    __slots__ = ("runtime", "kind", "job", "prep", "done", "picked_at", "started", "outs", "sizes", "left", "lock")
+
+    def __init__(
+        self, runtime: Runtime, kind: JobKind, job: JobBase, prep: Prepared, done: Done, picked_at: datetime, started: float
+    ) -> None:
+        self.runtime, self.kind, self.job, self.prep, self.done = runtime, kind, job, prep, done
+        self.picked_at, self.started = picked_at, started
+        n = len(prep.items)
+        self.outs: list[Any] = [None] * n
+        self.sizes: list[int] = [0] * n
+        self.left = n
+        self.lock = threading.Lock()
+
+    def attach(self, futures: list[Future[Batched[Any]]]) -> None:
+        for i, future in enumerate(futures):
+            future.add_done_callback(lambda f, i=i: self._item_done(i, f))
+
+    def _item_done(self, i: int, future: Future[Batched[Any]]) -> None:
+        exc = future.exception() if not future.cancelled() else RuntimeError("item cancelled")
+        with self.lock:
+            if self.left <= 0:
+                return  # already failed
+            if exc is not None:
+                self.left = 0
+            else:
+                batched = future.result()
+                self.outs[i], self.sizes[i] = batched.value, batched.batch_size
+                self.left -= 1
+                if self.left:
+                    return
+        if exc is not None:
+            self.done(self.job, exc)
+            return
+        try:
+            body = self.kind.finish(self.job, self.prep, self.outs)
+            meta = self.runtime.meta(self.job, self.prep.model, self.sizes, self.picked_at, self.started)
+            out: dict[str, Any] | BaseException = {"job_id": self.job.id, "type": self.job.type, **body, "meta": meta}
+        except Exception as exc:  # a result that cannot be assembled fails this job alone
+            out = exc
+        self.done(self.job, out)
 
 
 def check_deadline(job: JobBase) -> None:

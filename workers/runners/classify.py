@@ -1,19 +1,31 @@
 """Text classification: zero-shot by embedding similarity (all-MiniLM-L6-v2), or a trained
 sequence-classification model from the store. One item is one text; a batch may mix
-zero-shot label sets and trained models: each group gets one forward pass."""
+zero-shot label sets and trained models: each model gets one forward pass, each label set
+one matrix product, and the batch one transfer to the host.
+
+Texts are tokenized once, when their jobs are prepared (many jobs in one call of the Rust
+``tokenizers`` backend, outside the GIL, while the device runs the previous batch); the
+batch only pads the ids. The token counts are the batcher's cost, so nothing is tokenized twice.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.errors import InvalidJob
+from shared.jobs import ClassifyJob, JobBase
 from shared.model_store import ModelStore, ModelVersion
-from shared.results import LabelScore, TextClassification
+from workers.batcher import Batcher, BatchPolicy
+from workers.kinds import Prepared
 from workers.model_cache import ModelCache
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -23,19 +35,41 @@ ZERO_SHOT_TEMPERATURE = 0.05
 LABEL_CACHE_SIZE = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClassifyItem:
     text: str
     labels: tuple[str, ...] | None = None
-    model: str | None = None  # a resolved version ref (NAME@N) or a plain name
+    model: str | None = None  # a resolved version ref (NAME@N) or a plain name; None: zero-shot
     top_k: int | None = None
     template: str = "{}"
+    ids: tuple[int, ...] | None = None  # the embedder's token ids (zero-shot), set by ``encode``
+
+
+def label_sentence(template: str, label: str) -> str:
+    """The template's one ``{}`` slot filled with the label: a plain replace, never ``str.format``
+    (which would run whatever format fields a job sends)."""
+    return template.replace("{}", label, 1)
 
 
 def model_dtype(device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32  # fp16/bf16 are many times slower on CPUs
+
+
+class TextEncoder:
+    """The embedder's tokenizer, Rust side only: truncation fixed once, no padding state, so
+    ``encode`` is safe from any number of threads (transformers' fast tokenizer switches its
+    padding per call and fails across threads with "Already borrowed")."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.enable_truncation(EMBED_MAX_TOKENS)
+        self._tokenizer.no_padding()
+        self.pad_id = self._tokenizer.token_to_id("[PAD]") or 0
+
+    def encode(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        return [tuple(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
 
 class ClassifyRunner:
@@ -45,7 +79,7 @@ class ClassifyRunner:
         self.device = device
         self.dtype = model_dtype(device)
         self._embedder_version = store.resolve(EMBEDDER)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self._embedder_version.path))
+        self.encoder = TextEncoder(self._embedder_version.path)
         self._label_vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # -- loading -----------------------------------------------------------------------
@@ -61,7 +95,7 @@ class ClassifyRunner:
     def _classifier(self, version: ModelVersion) -> tuple[Any, Any]:
         path = str(version.path)
 
-        def load() -> tuple[Any, Any]:
+        def load() -> _Loaded:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
             return _Loaded(model.to(self.device).eval(), tokenizer)
@@ -73,13 +107,19 @@ class ClassifyRunner:
         self._embedder()
 
     # -- batching contract ---------------------------------------------------------------
-    def cost(self, item: ClassifyItem) -> int:
-        """Token count (capped at the model's limit): the batcher's token budget counts these."""
-        ids = self.tokenizer(item.text, truncation=True, max_length=EMBED_MAX_TOKENS)["input_ids"]
-        return len(ids)
+    def encode(self, items: Sequence[ClassifyItem]) -> list[ClassifyItem]:
+        """The items with their token ids, all texts in one tokenizer call."""
+        ids = self.encoder.encode([item.text for item in items])
+        return [_with_ids(item, i) for item, i in zip(items, ids)]
 
-    def run_batch(self, items: list[ClassifyItem]) -> list[TextClassification | BaseException]:
-        results: list[TextClassification | BaseException | None] = [None] * len(items)
+    @staticmethod
+    def cost(item: ClassifyItem) -> int:
+        """Token count: the batcher's token budget counts these. Trained models tokenize with
+        their own tokenizer; the embedder's count is close enough for a budget."""
+        return len(item.ids) if item.ids is not None else len(item.text) // 4 + 2
+
+    def run_batch(self, items: list[ClassifyItem]) -> list[dict[str, Any] | BaseException]:
+        results: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * len(items)
         groups: dict[str | None, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             groups[item.model].append(i)
@@ -92,52 +132,79 @@ class ClassifyRunner:
                     outs = [exc] * len(group)
                 for i, out in zip(indices, outs):
                     results[i] = out
-        return [r if r is not None else RuntimeError("no result") for r in results]
+        return results
 
     # -- zero-shot -------------------------------------------------------------------------
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=EMBED_MAX_TOKENS, return_tensors="pt"
-        ).to(self.device)
-        hidden = self._embedder()(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean pooling, as the model was trained
+    def _embed_ids(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        longest = max(len(row) for row in ids)
+        input_ids = np.full((len(ids), longest), self.encoder.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), longest), dtype=np.int64)
+        for n, row in enumerate(ids):
+            input_ids[n, : len(row)] = row
+            mask[n, : len(row)] = 1
+        input_t = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
+        mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
+        hidden = self._embedder()(input_ids=input_t, attention_mask=mask_t).last_hidden_state
+        m = mask_t.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # mean pooling, as the model was trained
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
-    def _labels(self, labels: set[str]) -> dict[str, torch.Tensor]:
+    def _label_matrix(self, sentences: tuple[str, ...]) -> torch.Tensor:
         """Embeddings of label sentences, cached: most jobs reuse a handful of label sets."""
-        missing = [label for label in labels if label not in self._label_vectors]
+        missing = list(dict.fromkeys(s for s in sentences if s not in self._label_vectors))
         if missing:
-            for label, vector in zip(missing, self._embed(missing)):
-                self._label_vectors[label] = vector
+            for sentence, vector in zip(missing, self._embed_ids(self.encoder.encode(missing))):
+                self._label_vectors[sentence] = vector
             while len(self._label_vectors) > LABEL_CACHE_SIZE:
                 self._label_vectors.popitem(last=False)
-        for label in labels:
-            self._label_vectors.move_to_end(label)
-        return {label: self._label_vectors[label] for label in labels}
+        for sentence in sentences:
+            self._label_vectors.move_to_end(sentence)
+        return torch.stack([self._label_vectors[s] for s in sentences])
 
-    def _zero_shot(self, items: list[ClassifyItem]) -> list[TextClassification | BaseException]:
-        text_vectors = self._embed([item.text for item in items])
-        label_vectors = self._labels({item.template.format(label) for item in items for label in item.labels or ()})
-        outs: list[TextClassification | BaseException] = []
-        for item, vector in zip(items, text_vectors):
-            labels = list(item.labels or ())
-            sims = torch.stack([label_vectors[item.template.format(label)] for label in labels]) @ vector
-            probs = torch.softmax(sims / ZERO_SHOT_TEMPERATURE, dim=0)
-            outs.append(_ranked(labels, probs.tolist(), sims.tolist(), item.top_k))
+    def _zero_shot(self, items: list[ClassifyItem]) -> list[dict[str, Any] | BaseException]:
+        missing = [n for n, item in enumerate(items) if item.ids is None]
+        if missing:  # items built without ``encode`` (in-process callers)
+            encoded = self.encode([items[n] for n in missing])
+            items = list(items)
+            for n, item in zip(missing, encoded):
+                items[n] = item
+        text_vectors = self._embed_ids([item.ids or () for item in items])
+        # One matrix product per label set (and template), one host transfer for the batch.
+        sets: dict[tuple[tuple[str, ...], str], list[int]] = defaultdict(list)
+        for n, item in enumerate(items):
+            sets[(item.labels or (), item.template)].append(n)
+        parts: list[torch.Tensor] = []
+        for (labels, template), rows in sets.items():
+            matrix = self._label_matrix(tuple(label_sentence(template, label) for label in labels))
+            sims = text_vectors[rows] @ matrix.T
+            probs = torch.softmax(sims / ZERO_SHOT_TEMPERATURE, dim=1)
+            parts.append(torch.stack([probs, sims]).flatten())
+        flat = torch.cat(parts).cpu().numpy().astype(np.float64)
+        outs: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * len(items)
+        at = 0
+        for (labels, _template), rows in sets.items():
+            size = len(rows) * len(labels)
+            probs_np = flat[at : at + size].reshape(len(rows), len(labels))
+            sims_np = flat[at + size : at + 2 * size].reshape(len(rows), len(labels))
+            at += 2 * size
+            orders = np.argsort(-probs_np, axis=1, kind="stable")
+            for r, n in enumerate(rows):
+                outs[n] = _ranked(labels, probs_np[r], sims_np[r], orders[r], items[n].top_k)
         return outs
 
     # -- trained classifiers ---------------------------------------------------------------
-    def _trained(self, model_ref: str, items: list[ClassifyItem]) -> list[TextClassification | BaseException]:
+    def _trained(self, model_ref: str, items: list[ClassifyItem]) -> list[dict[str, Any] | BaseException]:
         model, tokenizer = self._classifier(self.store.resolve(model_ref))
         limit = min(getattr(model.config, "max_position_embeddings", 512), 512)
+        # Only the batcher thread uses a trained model's tokenizer: no sharing across threads.
         batch = tokenizer(
             [item.text for item in items], padding=True, truncation=True, max_length=limit, return_tensors="pt"
         ).to(self.device)
-        probs = torch.softmax(model(**batch).logits.float(), dim=-1)
+        probs = torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy().astype(np.float64)
         id2label = model.config.id2label
-        labels = [str(id2label.get(i, i)) for i in range(probs.shape[-1])]
-        return [_ranked(labels, row.tolist(), None, item.top_k) for item, row in zip(items, probs)]
+        labels = tuple(str(id2label.get(i, i)) for i in range(probs.shape[-1]))
+        orders = np.argsort(-probs, axis=1, kind="stable")
+        return [_ranked(labels, probs[n], None, orders[n], item.top_k) for n, item in enumerate(items)]
 
 
 @dataclass(frozen=True)
@@ -152,13 +219,69 @@ class _Loaded:
         return self.model.buffers()
 
 
+def _with_ids(item: ClassifyItem, ids: tuple[int, ...]) -> ClassifyItem:
+    return ClassifyItem(item.text, item.labels, item.model, item.top_k, item.template, ids)
+
+
 def _ranked(
-    labels: list[str], scores: list[float], sims: list[float] | None, top_k: int | None
-) -> TextClassification:
-    order = sorted(range(len(labels)), key=lambda i: scores[i], reverse=True)[: top_k or len(labels)]
-    return TextClassification(
-        labels=[
-            LabelScore(label=labels[i], score=round(scores[i], 6), similarity=None if sims is None else round(sims[i], 6))
-            for i in order
+    labels: Sequence[str], scores: Any, sims: Any | None, order: Any, top_k: int | None
+) -> dict[str, Any]:
+    """One text's ranking as the JSON ``TextClassification`` describes, built as plain dicts."""
+    keep = order[: top_k or len(labels)].tolist()
+    score_list = scores.tolist()
+    if sims is None:
+        return {"labels": [{"label": labels[i], "score": round(score_list[i], 6), "similarity": None} for i in keep]}
+    sim_list = sims.tolist()
+    return {
+        "labels": [
+            {"label": labels[i], "score": round(score_list[i], 6), "similarity": round(sim_list[i], 6)} for i in keep
         ]
-    )
+    }
+
+
+class ClassifyKind:
+    """classify jobs: items are texts; zero-shot texts are tokenized here, once."""
+
+    job_type = "classify"
+    slow_prepare = False
+
+    def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
+        self.store = store
+        self.runner = ClassifyRunner(store, cache, device)
+
+    def build_batcher(self, policy: BatchPolicy) -> Batcher[Any, Any]:
+        self.runner.warm_up()
+        return Batcher(self.runner.run_batch, policy, cost=self.runner.cost, name="classify-batcher")
+
+    def prepare(self, jobs: Sequence[JobBase]) -> list[Prepared | BaseException]:
+        out: list[Prepared | BaseException] = []
+        resolved: dict[str, str | BaseException] = {}
+        texts: list[str] = []
+        for job in jobs:
+            assert isinstance(job, ClassifyJob)
+            model_ref: str | None = None
+            if job.model is not None:
+                if job.model not in resolved:  # fail fast, and pin @latest for the whole job
+                    try:
+                        resolved[job.model] = self.store.resolve(job.model).ref
+                    except (InvalidJob, LookupError) as exc:
+                        resolved[job.model] = exc
+                pinned = resolved[job.model]
+                if isinstance(pinned, BaseException):
+                    out.append(pinned)
+                    continue
+                model_ref = pinned
+            labels = tuple(job.labels) if job.labels else None
+            items = [ClassifyItem(t, labels, model_ref, job.top_k, job.label_template) for t in job.texts]
+            if model_ref is None:
+                texts.extend(job.texts)
+            out.append(Prepared(items, model_ref or EMBEDDER, context=model_ref is None))
+        if texts:  # every zero-shot text of every job, in one tokenizer call
+            ids = iter(self.runner.encoder.encode(texts))
+            for prepared in out:
+                if isinstance(prepared, Prepared) and prepared.context:  # zero-shot
+                    prepared.items = [_with_ids(item, next(ids)) for item in prepared.items]
+        return out
+
+    def finish(self, job: JobBase, prepared: Prepared, outputs: list[Any]) -> dict[str, Any]:
+        return {"results": outputs}

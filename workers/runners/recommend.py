@@ -13,13 +13,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from shared.errors import InvalidJob
+from shared.jobs import JobBase, RecommendJob
 from shared.model_store import ModelStore, ModelVersion
 from shared.results import UserRecommendations
+from workers.batcher import Batcher, BatchPolicy
+from workers.kinds import Prepared
 from workers.model_cache import ModelCache
 from workers.training.recommender import FACTORS_FILE, ITEMS_FILE, POPULARITY_FILE, USERS_FILE
 
@@ -27,7 +31,7 @@ RECOMMENDER_KIND = "recommender"
 _NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecommendItem:
     model: str  # NAME, NAME@latest or NAME@N
     user: str
@@ -89,8 +93,8 @@ class RecommendRunner:
             raise InvalidJob(f"model {version.ref} is a {version.kind!r} model, not a recommender")
         return self.cache.get(str(version.path), lambda: load_recommender(version.path, self.device))
 
-    def run_batch(self, items: list[RecommendItem]) -> list[UserRecommendations | BaseException]:
-        results: list[UserRecommendations | BaseException] = [RuntimeError("no result")] * len(items)
+    def run_batch(self, items: list[RecommendItem]) -> list[dict[str, Any] | BaseException]:
+        results: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * len(items)
         groups: dict[Path, list[int]] = defaultdict(list)
         versions: dict[Path, ModelVersion] = {}
         resolved: dict[str, ModelVersion | BaseException] = {}
@@ -111,7 +115,7 @@ class RecommendRunner:
                 try:
                     model = self._model(versions[path])
                 except (InvalidJob, OSError, ValueError, KeyError) as exc:
-                    outs: Sequence[UserRecommendations | BaseException] = [exc] * len(indices)
+                    outs: Sequence[dict[str, Any] | BaseException] = [exc] * len(indices)
                 else:
                     outs = _recommend(model, [items[i] for i in indices])
                 for i, out in zip(indices, outs):
@@ -119,11 +123,11 @@ class RecommendRunner:
         return results
 
 
-def _recommend(model: LoadedRecommender, items: list[RecommendItem]) -> list[UserRecommendations | BaseException]:
+def _recommend(model: LoadedRecommender, items: list[RecommendItem]) -> list[dict[str, Any] | BaseException]:
     """One scoring pass for a group of requests against the same model."""
     n_items = len(model.items)
     device = model.item_factors.device
-    outs: list[UserRecommendations | BaseException | None] = [None] * len(items)
+    outs: list[dict[str, Any] | BaseException | None] = [None] * len(items)
     allowed: list[torch.Tensor | None] = []
     for n, item in enumerate(items):
         if item.candidates is None:
@@ -157,10 +161,8 @@ def _recommend(model: LoadedRecommender, items: list[RecommendItem]) -> list[Use
         ranked = [
             {"item": model.items[i], "score": s} for s, i in zip(values[pos][:k_n], indices[pos][:k_n]) if s != _NEG_INF
         ]
-        # One validation from plain dicts: half the cost of building each ScoredItem first.
-        outs[n] = UserRecommendations.model_validate(
-            {"user": items[n].user, "items": ranked, "fallback": user_rows[pos] is None}
-        )
+        # Plain dicts, shaped as ``UserRecommendations``: no pydantic object per user on the hot path.
+        outs[n] = {"user": items[n].user, "items": ranked, "fallback": user_rows[pos] is None}
     return [out if out is not None else RuntimeError("no result") for out in outs]
 
 
@@ -200,5 +202,42 @@ def recommend_in_process(
         for result in runner.run_batch(batch):
             if isinstance(result, BaseException):
                 raise result
-            out.append(result)
+            out.append(UserRecommendations.model_validate(result))
     return out
+
+
+class RecommendKind:
+    """recommend jobs: items are users; users from many jobs share one matrix product."""
+
+    job_type = "recommend"
+    slow_prepare = False
+    min_batch_size = 512  # a user costs one row of a matrix product: batches can be wide
+
+    def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
+        self.store = store
+        self.runner = RecommendRunner(store, cache, device)
+
+    def build_batcher(self, policy: BatchPolicy) -> Batcher[Any, Any]:
+        return Batcher(self.runner.run_batch, policy, cost=self.runner.cost, name="recommend-batcher")
+
+    def prepare(self, jobs: Sequence[JobBase]) -> list[Prepared | BaseException]:
+        out: list[Prepared | BaseException] = []
+        resolved: dict[str, str | BaseException] = {}  # one store lookup per model per bulk
+        for job in jobs:
+            assert isinstance(job, RecommendJob)
+            if job.model not in resolved:
+                try:
+                    resolved[job.model] = self.store.resolve(job.model).ref  # pin @latest for the whole job
+                except (InvalidJob, LookupError) as exc:
+                    resolved[job.model] = exc
+            ref = resolved[job.model]
+            if isinstance(ref, BaseException):
+                out.append(ref)
+                continue
+            candidates = tuple(job.candidates) if job.candidates else None
+            items = [RecommendItem(ref, user, job.k, job.exclude_seen, candidates) for user in job.users]
+            out.append(Prepared(items, ref))
+        return out
+
+    def finish(self, job: JobBase, prepared: Prepared, outputs: list[Any]) -> dict[str, Any]:
+        return {"results": outputs}

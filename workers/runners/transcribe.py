@@ -23,10 +23,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, WhisperForConditionalGeneration, WhisperProcessor
 
 from shared.errors import ConveyorError, InvalidJob, TransientError
-from shared.jobs import TranscribeJob
+from shared.jobs import JobBase, TranscribeJob
 from shared.model_store import ModelStore
 from shared.results import Segment
 from workers.audio import SAMPLE_RATE, load_job_audio
+from workers.batcher import Batcher, BatchPolicy
+from workers.kinds import Prepared
 from workers.model_cache import ModelCache
 
 WINDOW_S: Final = 30.0
@@ -351,38 +353,71 @@ def _regroup(words: list[_Word], outputs: Sequence[WindowOutput]) -> list[Segmen
     return segments
 
 
+# -- the job kind ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Audio:
+    samples: int
+    windows: list[Window]
+
+
+class TranscribeKind:
+    """transcribe jobs: items are 30 s windows; windows of many jobs share one ``generate``."""
+
+    job_type = "transcribe"
+    slow_prepare = True  # decoding and resampling audio: off the ingest thread
+
+    def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
+        self.store = store
+        self.runner = TranscribeRunner(store, cache, device)
+
+    def build_batcher(self, policy: BatchPolicy) -> Batcher[Any, Any]:
+        # Each item is one 30 s window: the batch size bounds the windows per generate call.
+        return Batcher(self.runner.run_batch, policy, cost=self.runner.cost, name="transcribe-batcher")
+
+    def prepare(self, jobs: Sequence[JobBase]) -> list[Prepared | BaseException]:
+        out: list[Prepared | BaseException] = []
+        for job in jobs:
+            assert isinstance(job, TranscribeJob)
+            try:
+                version = self.store.resolve(job.model)  # fail fast on an unknown model, before decoding audio
+                options = dataclasses.replace(DecodeOptions.from_job(job), model=version.ref)  # @latest pinned
+                audio = load_job_audio(job)
+                windows = split_windows(audio, options)
+            except ConveyorError as exc:
+                out.append(exc)
+                continue
+            out.append(Prepared(list(windows), version.ref, context=_Audio(audio.numel(), windows)))
+        return out
+
+    def finish(self, job: JobBase, prepared: Prepared, outputs: list[Any]) -> dict[str, Any]:
+        assert isinstance(job, TranscribeJob)
+        audio: _Audio = prepared.context
+        text, segments = stitch(audio.windows, outputs)
+        return {
+            "text": text,
+            "duration_s": round(audio.samples / SAMPLE_RATE, 3),
+            "language": outputs[0].language,
+            "segments": [seg.model_dump(mode="json") for seg in segments] if job.timestamps else None,
+        }
+
+
 # -- in-process use -------------------------------------------------------------------------------
 def transcribe_jobs(runner: TranscribeRunner, jobs: Sequence[TranscribeJob]) -> list[dict[str, Any] | Exception]:
     """Decode, window, run every window in one ``run_batch``, stitch. Fields as in ``TranscribeResult``, less meta."""
-    prepared: list[tuple[torch.Tensor, list[Window]] | Exception] = []
-    for job in jobs:
-        try:
-            audio = load_job_audio(job)
-            prepared.append((audio, split_windows(audio, DecodeOptions.from_job(job))))
-        except ConveyorError as exc:
-            prepared.append(exc)
-    flat = [w for p in prepared if not isinstance(p, Exception) for w in p[1]]
+    kind = TranscribeKind(runner.store, runner.cache, runner.device)
+    kind.runner = runner
+    prepared = kind.prepare(jobs)
+    flat = [w for p in prepared if isinstance(p, Prepared) for w in p.items]
     outputs = iter(runner.run_batch(flat))
     results: list[dict[str, Any] | Exception] = []
     for job, item in zip(jobs, prepared):
-        if isinstance(item, Exception):
-            results.append(item)
+        if isinstance(item, BaseException):
+            results.append(item if isinstance(item, Exception) else RuntimeError(str(item)))
             continue
-        audio, windows = item
-        mine = [next(outputs) for _ in windows]
+        mine = [next(outputs) for _ in item.items]
         failed = next((o for o in mine if isinstance(o, Exception)), None)
         if failed is not None:
             results.append(failed)
             continue
-        done = [o for o in mine if isinstance(o, WindowOutput)]
-        text, segments = stitch(windows, done)
-        results.append(
-            {
-                "job_id": job.id,
-                "text": text,
-                "duration_s": round(audio.numel() / SAMPLE_RATE, 3),
-                "language": done[0].language,
-                "segments": segments if job.timestamps else None,
-            }
-        )
+        results.append({"job_id": job.id, **kind.finish(job, item, mine)})
     return results

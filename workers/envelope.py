@@ -1,0 +1,123 @@
+"""Celery messages as they lie in Redis, decoded without Celery's per-task machinery.
+
+kombu's Redis transport stores each message as one JSON object: ``body`` (base64 of the
+serialized ``[args, kwargs, embed]`` for Celery's protocol 2, or of ``{"task", "id", "args",
+"kwargs", ...}`` for protocol 1), ``content-type``, ``headers`` (protocol 2: ``task``, ``id``,
+``expires``, ``retries``...) and ``properties`` (``delivery_tag``, ``delivery_info``,
+``priority``...). ``decode`` never raises: whatever arrives, it returns an ``Envelope``
+whose ``error`` says what is wrong, with the task id where one could be read, so the job
+fails alone and visibly instead of stopping the ingest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON_CONTENT_TYPE = "application/json"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a message larger than this is refused before decoding
+
+
+@dataclass(slots=True)
+class Envelope:
+    raw: str  # the message exactly as it was on the list: what a dead letter keeps
+    tag: str | None = None  # kombu's delivery tag: the key of its unacked entry
+    id: str | None = None
+    task: str | None = None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str | None = None  # the routing key it was sent with
+    priority: int = 0  # Celery's (0 is served first)
+    expires: str | None = None
+    retries: int = 0
+    error: str | None = None  # set when the message cannot be run at all; says why
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def decode(raw: str) -> Envelope:
+    env = Envelope(raw)
+    if len(raw) > MAX_MESSAGE_BYTES:
+        env.error = f"message of {len(raw)} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit"
+        return env
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        env.error = f"not a Celery message: not JSON ({type(exc).__name__})"
+        return env
+    if not isinstance(message, dict):
+        env.error = f"not a Celery message: a JSON {type(message).__name__}, not an object"
+        return env
+    headers = message.get("headers")
+    properties = message.get("properties")
+    headers = headers if isinstance(headers, dict) else {}
+    properties = properties if isinstance(properties, dict) else {}
+    tag = properties.get("delivery_tag")
+    env.tag = tag if isinstance(tag, str) and tag else None
+    info = properties.get("delivery_info")
+    if isinstance(info, dict) and isinstance(info.get("routing_key"), str):
+        env.queue = info["routing_key"]
+    priority = properties.get("priority")
+    env.priority = priority if isinstance(priority, int) and 0 <= priority <= 255 else 0
+    # Protocol 2 names the task and id in the headers: readable even when the body is not.
+    env.id = _str(headers.get("id"))
+    env.task = _str(headers.get("task"))
+    content_type = message.get("content-type")
+    if content_type != JSON_CONTENT_TYPE:
+        env.error = f"content type {content_type!r} is refused: Conveyor accepts {JSON_CONTENT_TYPE} only"
+        return env
+    body = _body(message, properties)
+    if isinstance(body, _Bad):
+        env.error = body.reason
+        return env
+    if env.task is not None:  # protocol 2: [args, kwargs, embed]
+        if not (isinstance(body, list) and len(body) >= 2 and isinstance(body[0], list) and isinstance(body[1], dict)):
+            env.error = "message body is not Celery's [args, kwargs, embed]"
+            return env
+        env.args, env.kwargs = body[0], body[1]
+        env.expires = _str(headers.get("expires"))
+        retries = headers.get("retries")
+        env.retries = retries if isinstance(retries, int) and retries >= 0 else 0
+    elif isinstance(body, dict) and isinstance(body.get("task"), str):  # protocol 1
+        env.task, env.id = body["task"], _str(body.get("id"))
+        args, kwargs = body.get("args") or [], body.get("kwargs") or {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            env.error = "protocol 1 message with args that are not a list or kwargs that are not an object"
+            return env
+        env.args, env.kwargs = args, kwargs
+        env.expires = _str(body.get("expires"))
+    else:
+        env.error = "not a Celery message: no task name in its headers or body"
+        return env
+    if env.id is None:
+        env.error = "Celery message without a task id"
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    reason: str
+
+
+def _body(message: dict[str, Any], properties: dict[str, Any]) -> Any:
+    body = message.get("body")
+    if not isinstance(body, str):
+        return _Bad("message body is missing or not a string")
+    if properties.get("body_encoding") == "base64":
+        try:
+            body = base64.b64decode(body, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return _Bad("message body is not valid base64 of UTF-8 text")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return _Bad(f"message body is not JSON ({type(exc).__name__})")
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
