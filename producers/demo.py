@@ -74,7 +74,7 @@ def demo_audio() -> tuple[str, bytes] | None:
 
 
 def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
-    work = settings.home / "demo"
+    work = settings.home / "inputs" / "demo"  # under the workers' default input roots
     work.mkdir(parents=True, exist_ok=True)
     print("waiting for workers ...", flush=True)
     client.wait_for_workers(300, ["conveyor.classify"])

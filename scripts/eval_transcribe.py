@@ -260,6 +260,8 @@ def evaluate(clips: list[Clip], model: str, beam_size: int, batch_jobs: int) -> 
     from workers.runners.transcribe import TranscribeRunner, transcribe_jobs
     from workers.whisper_convert import prepare_default_models
 
+    # Jobs read files only under the input roots: here, the directories of these clips.
+    os.environ["CONVEYOR_INPUT_ROOTS"] = os.pathsep.join(sorted({str(Path(c.path).resolve().parent) for c in clips}))
     store = ModelStore(Settings().models_path)
     prepare_default_models(store)
     runner = TranscribeRunner(store, ModelCache(4 << 30), "cpu")

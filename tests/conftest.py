@@ -66,6 +66,18 @@ def input_roots_for_tests(tmp_path_factory: pytest.TempPathFactory) -> list[str]
     return roots
 
 
+@pytest.fixture(scope="session", autouse=True)
+def input_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Jobs run in this process (runners and trainers called directly) read the same files."""
+    saved = os.environ.get("CONVEYOR_INPUT_ROOTS")
+    os.environ["CONVEYOR_INPUT_ROOTS"] = os.pathsep.join(input_roots_for_tests(tmp_path_factory))
+    yield
+    if saved is None:
+        os.environ.pop("CONVEYOR_INPUT_ROOTS", None)
+    else:
+        os.environ["CONVEYOR_INPUT_ROOTS"] = saved
+
+
 @pytest.fixture(scope="session")
 def conveyor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("conveyor-home")

@@ -161,7 +161,7 @@ def test_bad_inputs_fail_alone_in_a_shared_batch(librispeech_results: list[Any])
     errors = {i: r for i, r in enumerate(librispeech_results) if isinstance(r, Exception)}
     assert sorted(errors) == [3, 7]
     assert isinstance(errors[3], InvalidJob) and "audio_b64: not a readable" in str(errors[3])
-    assert isinstance(errors[7], InvalidJob) and "file not found" in str(errors[7])
+    assert isinstance(errors[7], InvalidJob) and "outside the directories jobs may read" in str(errors[7])
 
 
 @pytest.mark.slow
