@@ -331,7 +331,8 @@ def down() -> None:
 def worker(ctx: typer.Context, devices: Devices = None) -> None:
     """Start workers: one per GPU (or one on the CPU), each pinned to its device."""
     cmd = [sys.executable, "-m", "workers.launch", "--devices", devices or Settings().devices, *ctx.args]
-    raise typer.Exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)  # the launcher takes this process's place: signals reach it directly
 
 
 @app.command()

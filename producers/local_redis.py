@@ -146,8 +146,9 @@ class LocalRedis:
         write_private(data_dir / CONFIG_FILE, "".join(f"{key} {value}\n" for key, value in config.items()))
         self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
         return ChildSpec(
-            "redis-server", [find_redis_server(), str(data_dir / CONFIG_FILE)], umask=0o077, restart=True
-        )
+            "redis-server", [find_redis_server(), str(data_dir / CONFIG_FILE)], umask=0o077, restart=True,
+            stop_last=True,  # workers hand their jobs back to it as they stop
+        )  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> str:
         self.child = spawn(self.spec())

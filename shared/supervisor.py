@@ -79,6 +79,8 @@ class ChildSpec:
     # Its own session and process group (stopped as a group, deaf to the terminal's Ctrl-C); False
     # keeps it in ours, so a SIGKILL to our group (the tests' hard kill) reaches it too.
     new_session: bool = True
+    # Stopped only once every other child has stopped (a broker the others still talk to as they stop).
+    stop_last: bool = False
 
 
 @dataclass
@@ -241,12 +243,15 @@ class Supervisor:
         return code
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop every child: SIGTERM to all, the last started first, then wait for each within one
-        shared grace period (``timeout``, or each spec's) and SIGKILL what is left."""
+        """Stop every child: SIGTERM to all (the last started first), then wait for each within one
+        shared grace period (``timeout``, or each spec's) and SIGKILL what is left. Children marked
+        ``stop_last`` get their SIGTERM only after the others have stopped."""
         self.stopping.set()
-        for child in reversed(self.children):
-            child.terminate()
-        start = time.monotonic()
-        for child in reversed(self.children):
-            grace = child.spec.stop_timeout if timeout is None else timeout
-            child.stop(grace - (time.monotonic() - start))
+        for last in (False, True):
+            group = [child for child in reversed(self.children) if child.spec.stop_last == last]
+            for child in group:
+                child.terminate()
+            start = time.monotonic()
+            for child in group:
+                grace = child.spec.stop_timeout if timeout is None else timeout
+                child.stop(grace - (time.monotonic() - start))
