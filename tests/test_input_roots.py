@@ -116,3 +116,14 @@ def test_values_in_a_table_are_not_repeated(roots: Path) -> None:
     with pytest.raises(InvalidJob) as err:
         read_interactions(path)
     assert "line 5: no value in column 'user'" in str(err.value) and "SECRET" not in str(err.value)
+
+
+def test_an_unknown_model_error_does_not_name_the_store_directory(tmp_path: Path) -> None:
+    from shared.errors import ModelNotFound
+    from shared.model_store import ModelStore
+
+    store_dir = tmp_path / "private-store-dir"
+    with pytest.raises(ModelNotFound) as err:
+        ModelStore(store_dir).resolve("no-such-model")
+    assert "no model 'no-such-model' in the model store" in str(err.value)
+    assert str(tmp_path) not in str(err.value)

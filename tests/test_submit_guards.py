@@ -113,3 +113,22 @@ def test_unbounded_when_zero(db_url: str, tmp_path: Path) -> None:
     with make_client(db_url, tmp_path, max_queue_depth=0) as client:
         client.submit_many([job() for _ in range(3)])
         assert queued(client.redis) == 3
+
+
+def test_cli_reports_a_refusal_without_a_traceback(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from producers.cli import app
+
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", db_url)
+    monkeypatch.setenv("CONVEYOR_HOME", str(tmp_path))
+    spec = tmp_path / "job.json"
+    spec.write_text('{"type": "classify", "id": "cli-1", "texts": ["a"], "labels": ["x", "y"]}')
+    runner = CliRunner()
+    first = runner.invoke(app, ["submit", "json", str(spec)])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["submit", "json", str(spec)])
+    assert again.exit_code == 4 and "DuplicateJob: job id 'cli-1' was already submitted" in again.output
+    assert "Traceback" not in again.output
