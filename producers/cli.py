@@ -17,6 +17,7 @@ from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import JOB_MODELS, ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.model_store import ModelStore
 from shared.settings import Settings
+from producers.score.cli import score_app
 from producers.dlq_cli import dlq_app
 
 app = typer.Typer(help="Conveyor: asynchronous inference and batch jobs over Redis and Celery.", no_args_is_help=True)
@@ -24,6 +25,7 @@ submit_app = typer.Typer(help="Submit a job; prints its id, or its result with -
 models_app = typer.Typer(help="The model store.", invoke_without_command=True)
 app.add_typer(submit_app, name="submit")
 app.add_typer(models_app, name="models")
+app.add_typer(score_app, name="score")
 app.add_typer(dlq_app, name="dlq")
 
 Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
@@ -62,6 +64,10 @@ def _submit(job_type: str, fields: dict[str, Any], wait: bool, timeout: float) -
     if not wait:
         _print_json({"id": handle.id, "type": job_type})
         return
+    if job_type in ("train", "fine-tune"):
+        from producers.progress import follow_long_job
+
+        follow_long_job(handle, timeout)  # a live bar from the job's PROGRESS state, on stderr
     _print_result(handle, timeout)
 
 

@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -30,6 +31,9 @@ from shared.names import CANCEL_KEY_PREFIX, QUEUES, TASKS, priority_lists
 from shared.redis_clients import reuse_redis_clients
 from shared.results import RESULT_MODELS, Progress
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from producers.score.run import ScoreHandle
 
 JobLike = JobBase | dict[str, Any]
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
@@ -108,14 +112,15 @@ class Client:
         return self._redis
 
     # -- submitting ------------------------------------------------------------------------
-    def submit(self, job: JobLike) -> JobHandle:
-        return self.submit_many([job])[0]
+    def submit(self, job: JobLike, queue: str | None = None) -> JobHandle:
+        return self.submit_many([job], queue=queue)[0]
 
-    def submit_many(self, jobs: Iterable[JobLike]) -> list[JobHandle]:
+    def submit_many(self, jobs: Iterable[JobLike], queue: str | None = None) -> list[JobHandle]:
         """Validate every job first (a bad one raises before anything is sent), then publish
-        them all over one connection."""
+        them all over one connection. ``queue``: another queue than the job type's own (bulk
+        scoring sends to shared.names.BULK_QUEUES)."""
         parsed = [job if isinstance(job, JobBase) else parse_job(job) for job in jobs]
-        targets = [QUEUES[job.type] for job in parsed]
+        targets = [queue or QUEUES[job.type] for job in parsed]
         self._gate.admit(Counter(targets))  # QueueFull before anything is claimed or sent
         claims = SubmitClaims(self.redis, self.settings)
         earlier = claims.claim_all(parsed)  # IdempotencyConflict / DuplicateJob, nothing sent
@@ -153,6 +158,39 @@ class Client:
                 sent.append(job.id)
                 self._gate.sent(target)
                 handles.append(JobHandle(self, job.id, job.type))
+
+    def score(
+        self,
+        job_type: str,
+        input: str | Path,
+        out: str | Path,
+        column: str,
+        *,
+        keep: list[str] | None = None,
+        header: bool = True,
+        quoting: bool = True,
+        chunk_size: int | None = None,
+        in_flight: int | None = None,
+        overwrite: bool = False,
+        **options: Any,
+    ) -> ScoreHandle:
+        """Score every row of a CSV, TSV, JSONL or Parquet file into ``out`` (format by extension),
+        in the background; resumes the run beside ``out`` if one was interrupted. ``options`` are
+        the job type's: classify labels/model/top_k/label_template, transcribe model/language/
+        beam_size, recommend model/k/exclude_seen. Bad input, a missing column or an unknown model
+        raise here, before anything is queued."""
+        from producers.score.kinds import KINDS
+        from producers.score.run import ScoreHandle, ScoreRequest, ScoreRun
+        from producers.tabular import TextOptions
+
+        if job_type not in KINDS:
+            raise ValueError(f"cannot score {job_type!r} jobs; one of {', '.join(KINDS)}")
+        request = ScoreRequest(
+            Path(input), Path(out), column, keep, TextOptions(header, quoting), chunk_size, in_flight, overwrite
+        )
+        run = ScoreRun(self, KINDS[job_type](**options), request)
+        run.prepare()
+        return ScoreHandle(run, Path(out)).start()
 
     # -- following -------------------------------------------------------------------------
     def job(self, job_id: str) -> JobHandle:
