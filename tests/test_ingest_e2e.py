@@ -252,3 +252,64 @@ def test_celery_inspect_answers_while_the_worker_is_busy(env: dict[str, str], sd
         assert any(s.get("total", {}).get("conveyor.classify", 0) >= 20 for s in stats.values()), stats
     finally:
         worker.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_flower_shows_fast_path_jobs_with_their_state_and_result(
+    env: dict[str, str], sdk: Client, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    log = (tmp_path / "flower.log").open("wb")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "producers.flower_app", "flower", f"--port={port}", "--address=127.0.0.1"],
+        env=dict(env, FLOWER_UNAUTHENTICATED_API="true"), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    worker = start_worker(env, tmp_path / "worker.log", sdk)
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        end = time.monotonic() + 60
+        while True:  # Flower is listening (and subscribed to events) before the jobs are sent
+            try:
+                get("/api/workers")
+                break
+            except OSError:
+                assert time.monotonic() < end, (tmp_path / "flower.log").read_text()[-3000:]
+                time.sleep(0.5)
+        good = [ClassifyJob(texts=[TOPICAL[n % 6][0]], labels=LABELS) for n in range(12)]
+        bad = Celery("bare", broker=env["CONVEYOR_REDIS_URL"], backend=env["CONVEYOR_REDIS_URL"])
+        bad.conf.update(task_serializer="json")
+        failed = bad.send_task("conveyor.classify", args=[{"texts": [], "labels": LABELS}], queue="conveyor.classify")
+        for handle in sdk.submit_many(good):
+            handle.result_json(timeout=120)
+        end = time.monotonic() + 30
+        while True:
+            tasks = get("/api/tasks")
+            states = {job.id: tasks.get(job.id, {}).get("state") for job in good}
+            if set(states.values()) == {"SUCCESS"} and tasks.get(failed.id, {}).get("state") == "FAILURE":
+                break
+            assert time.monotonic() < end, states
+            time.sleep(0.5)
+        assert tasks[good[0].id]["name"] == "conveyor.classify"
+        assert "InvalidJob" in tasks[failed.id]["exception"]
+        result = get(f"/api/task/result/{good[0].id}")
+        assert result["state"] == "SUCCESS" and result["result"]["job_id"] == good[0].id
+    finally:
+        worker.stop()
+        flower.terminate()
+        flower.wait(30)
+        log.close()

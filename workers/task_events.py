@@ -52,7 +52,7 @@ class TaskEvents:
                 "timestamp": at,
             },
         )  # fmt: skip
-        self._add("task-started", {"uuid": task_id, "pid": 0, "timestamp": at})
+        self._add("task-started", {"uuid": task_id, "timestamp": at})
 
     def succeeded(self, task_id: str, result: Any, runtime: float) -> None:
         if self.policy == "all":
