@@ -33,8 +33,6 @@ from shared.settings import Settings
 # retry at another priority); the hash covers the rest.
 ENVELOPE_FIELDS: Final = frozenset({"id", "submitted_at", "idempotency_key", "deadline", "priority", "schema_version"})
 _KEY_VALUE = re.compile(r"(?s)(.+):([0-9a-f]{64})")
-# Delete a key only if it still holds what this caller wrote (it may have expired and been re-claimed).
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def payload_hash(job: JobBase) -> str:
@@ -81,11 +79,20 @@ class SubmitClaims:
         undo = [claim for job_id, claims in self._made.items() if job_id not in kept for claim in claims]
         if not undo:
             return
-        pipe = self.redis.pipeline(transaction=False)
         for key, value in undo:
-            pipe.eval(_RELEASE, 1, key, value)
-        pipe.execute()
+            self._release_one(key, value)
         self._made = {job_id: claims for job_id, claims in self._made.items() if job_id in kept}
+
+    def _release_one(self, key: str, value: str) -> None:
+        """Delete ``key`` only if it still holds this call's value (it may have expired and been
+        claimed again); WATCH, not Lua, as some Redis deployments disable scripting."""
+
+        def delete_if_ours(pipe: redis.client.Pipeline) -> None:
+            if pipe.get(key) == value.encode():
+                pipe.multi()
+                pipe.delete(key)
+
+        self.redis.transaction(delete_if_ours, key)
 
     def _claim_key(self, job: JobBase) -> str | None:
         assert job.idempotency_key is not None

@@ -4,7 +4,7 @@ all), each kept with its original raw message and the reason, until requeued or 
 Redis layout (shared/names.py): ``DEAD_LETTER_KEY`` is a hash id -> entry (JSON), and
 ``DEAD_LETTER_ORDER_KEY`` a sorted set id -> unix time, for newest-first listing. The store
 keeps at most ``MAX_DEAD_LETTERS`` entries (the oldest go first), so a flood of garbage
-cannot fill Redis's memory. redis-py only: workers add, the CLI lists and requeues.
+cannot fill Redis's memory. redis-py only, no Lua: workers add, the CLI lists and requeues.
 
 ``message`` is the queue list's entry exactly as it was. Bytes that are not UTF-8 are kept
 with ``raw_message_text`` (surrogate escapes) and restored byte for byte on requeue.
@@ -22,19 +22,6 @@ from pydantic import BaseModel, Field, ValidationError
 from shared.names import DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, priority_list
 
 MAX_DEAD_LETTERS: Final = 10_000
-
-# Add one entry and drop the oldest beyond the cap, atomically (runs inside a pipeline too).
-_ADD = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
-if extra > 0 then
-  local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
-  redis.call('HDEL', KEYS[1], unpack(old))
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
-end
-return 1
-"""
 
 
 class DeadLetterNotFound(LookupError):
@@ -82,11 +69,28 @@ def raw_message_text(raw: bytes | str) -> str:
 
 
 def add(pipe_or_client: redis.Redis | redis.client.Pipeline, letter: DeadLetter, cap: int = MAX_DEAD_LETTERS) -> None:
-    """Record ``letter``; inside a pipeline (e.g. beside the ack that removes the message) it
-    runs when the pipeline does."""
-    pipe_or_client.eval(
-        _ADD, 2, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, letter.id, letter.to_json(), letter.failed_at.timestamp(), cap
-    )
+    """Record ``letter``. Inside a pipeline (e.g. beside the ack that removes the message) it
+    runs when the pipeline does; call ``trim`` after that. Given a client, it trims at once.
+    No Lua: some Redis deployments disable scripting."""
+    pipe_or_client.hset(DEAD_LETTER_KEY, letter.id, letter.to_json())
+    pipe_or_client.zadd(DEAD_LETTER_ORDER_KEY, {letter.id: letter.failed_at.timestamp()})
+    if not isinstance(pipe_or_client, redis.client.Pipeline):
+        trim(pipe_or_client, cap)
+
+
+def trim(client: redis.Redis, cap: int = MAX_DEAD_LETTERS) -> int:
+    """Drop the oldest letters beyond ``cap``; returns how many went. One ZCARD when under it."""
+    extra = int(client.zcard(DEAD_LETTER_ORDER_KEY)) - cap
+    if extra <= 0:
+        return 0
+    oldest = client.zrange(DEAD_LETTER_ORDER_KEY, 0, extra - 1)
+    if not oldest:
+        return 0
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(DEAD_LETTER_KEY, *oldest)
+    pipe.zrem(DEAD_LETTER_ORDER_KEY, *oldest)
+    pipe.execute()
+    return len(oldest)
 
 
 def list_letters(client: redis.Redis, limit: int = 100) -> list[DeadLetter]:

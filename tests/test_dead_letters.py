@@ -111,6 +111,13 @@ def test_the_store_keeps_at_most_its_cap(r: redis.Redis) -> None:
         dead_letters.add(r, letter, cap=3)
     assert [x.id for x in dead_letters.list_letters(r)] == ["m4", "m3", "m2"]
     assert dead_letters.count(r) == 3
+    pipe = r.pipeline()  # in a pipeline, add queues its writes and trim follows
+    for i in range(5, 7):
+        letter = DeadLetter(id=f"m{i}", queue=QUEUE, reason="x", failed_at=start + timedelta(seconds=i), message="{}")
+        dead_letters.add(pipe, letter, cap=3)
+    pipe.execute()
+    assert dead_letters.trim(r, cap=3) == 2
+    assert [x.id for x in dead_letters.list_letters(r)] == ["m6", "m5", "m4"] and dead_letters.count(r) == 3
 
 
 def test_an_unreadable_entry_is_shown_not_requeued(r: redis.Redis) -> None:
