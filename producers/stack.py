@@ -99,7 +99,6 @@ class Stack:
             url = self._start_redis()
             # The children keep this process's input roots (its current directory among them).
             env = dict(os.environ, CONVEYOR_REDIS_URL=url, CONVEYOR_INPUT_ROOTS=self.settings.input_roots_env())
-            env.setdefault("CONVEYOR_INPUT_ROOTS", self.settings.input_roots_env())  # `up`'s cwd, for its workers
             self.supervisor.start(
                 ChildSpec(
                     "workers",

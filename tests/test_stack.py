@@ -65,8 +65,10 @@ def test_up_runs_redis_workers_and_flower_and_ctrl_c_stops_them(tmp_path: Path) 
         assert "redis://" in (tmp_path / "redis.url").read_text()
     finally:
         up.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
         out, _ = up.communicate(timeout=120)
     assert up.returncode == 0, out[-3000:]
+    assert time.monotonic() - interrupted < 15, "Ctrl-C should stop everything within seconds"
     assert not (tmp_path / "redis.url").exists()  # the embedded Redis stopped and said so
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
     assert not leftovers.strip(), leftovers
