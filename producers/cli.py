@@ -13,12 +13,12 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 
+from producers.dlq_cli import dlq_app
+from producers.score.cli import score_app
 from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import JOB_MODELS, ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.model_store import ModelStore
 from shared.settings import Settings
-from producers.score.cli import score_app
-from producers.dlq_cli import dlq_app
 
 app = typer.Typer(help="Conveyor: asynchronous inference and batch jobs over Redis and Celery.", no_args_is_help=True)
 submit_app = typer.Typer(help="Submit a job; prints its id, or its result with --wait.", no_args_is_help=True)
