@@ -42,6 +42,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from producers.client import Client  # noqa: E402
 from producers.local_redis import LocalRedis  # noqa: E402
+from shared.supervisor import ChildSpec, spawn  # noqa: E402
 
 LABELS = ["spam or advertising", "personal message", "work or business", "finance"]
 
@@ -66,36 +67,39 @@ def _utc(value: Any) -> datetime:
 
 
 class Stack:
-    """A private Redis, a Conveyor worker and a plain-Celery worker, all real processes."""
+    """A private Redis, a Conveyor inference worker and (optionally) a plain-Celery worker,
+    all real processes started through Conveyor's own supervisor module."""
 
-    def __init__(self, home: Path, batch_size: int, plain: bool = True) -> None:
+    def __init__(
+        self, home: Path, batch_size: int, plain: bool = True, devices: str = "auto", extra_env: dict[str, str] | None = None
+    ) -> None:
+        home.mkdir(parents=True, exist_ok=True)
         self.redis = LocalRedis(home)
         url = self.redis.start()
+        inherited = os.environ.get("PYTHONPATH")  # appended, never replaced (a GPU machine carries its wheels there)
         self.env = dict(
             os.environ,
             CONVEYOR_REDIS_URL=url,
             CONVEYOR_HOME=str(home),
             CONVEYOR_MAX_BATCH_SIZE=str(batch_size),
             HF_HUB_OFFLINE="1",
-            PYTHONPATH=f"{ROOT}:{ROOT / 'scripts'}",
+            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), str(ROOT / "scripts"), inherited) if p),
+            **(extra_env or {}),
         )
-        self.env.setdefault("CONVEYOR_MODEL_DIR", str(home / "models"))
-        os.environ.update({k: self.env[k] for k in ("CONVEYOR_REDIS_URL", "CONVEYOR_HOME", "CONVEYOR_MODEL_DIR")})
-        log = open(home / "workers.log", "ab")
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "workers.launch", "--devices", "cpu", "--only", "inference", "--loglevel", "warning",
-                 "--exit-with-parent"],
-                env=self.env, stdout=log, stderr=log, cwd=ROOT,
-            ),
+        self.env.setdefault("CONVEYOR_MODEL_DIR", str(Path(tempfile.gettempdir()) / "conveyor-bench-models"))
+        self.env.setdefault("CONVEYOR_INPUT_ROOTS", os.pathsep.join([str(SHARED_DATA), tempfile.gettempdir(), str(home)]))
+        log = home / "workers.log"
+        self.children = [
+            spawn(ChildSpec("workers", [sys.executable, "-m", "workers.launch", "--devices", devices, "--only",
+                                        "inference", "--loglevel", "warning", "--exit-with-parent"],
+                            env=self.env, cwd=ROOT, log=log)),
         ]  # fmt: skip
         if plain:
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "plain_celery_worker", "worker", "-P", "solo", "-Q", "plain",
-                 "-n", "plain@%h", "-l", "warning", "--without-gossip", "--without-mingle"],
-                env=self.env, stdout=log, stderr=log, cwd=ROOT / "scripts",
-            ))  # fmt: skip
-        self.client = Client()
+            self.children.append(spawn(ChildSpec("plain", [sys.executable, "-m", "celery", "-A", "plain_celery_worker",
+                                                           "worker", "-P", "solo", "-Q", "plain", "-n", "plain@%h", "-l",
+                                                           "warning", "--without-gossip", "--without-mingle"],
+                                                 env=self.env, cwd=ROOT / "scripts", log=log)))  # fmt: skip
+        self.client = Client(redis_url=url)
         try:
             self.client.wait_for_workers(180, ["conveyor.classify"])
             if plain:
@@ -104,11 +108,19 @@ class Stack:
             self.close()
             raise
 
+    def worker_process(self) -> Any:
+        """The Celery inference worker process (the supervisor's child), for CPU accounting and SIGSTOP."""
+        import psutil
+
+        sup = psutil.Process(self.children[0].pid)
+        for child in sup.children(recursive=True):
+            if "workers.app" in " ".join(child.cmdline()):
+                return child
+        raise RuntimeError("no inference worker process found")
+
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(60)
+        for child in self.children:
+            child.stop(60)
         self.client.close()
         self.redis.stop()
 
@@ -377,9 +389,29 @@ def bench_recommend(args: argparse.Namespace) -> None:
 
 
 # -- overhead -----------------------------------------------------------------------------
+def drain(stack: Stack, submit_all: Callable[[], list[Any]], get: Callable[[Any], Any]) -> tuple[Run, float, int]:
+    """A pre-filled queue: the worker is stopped (SIGSTOP) while the jobs are queued, then let go.
+    Returns the run (items/s from release to the last result), the worker's CPU seconds, and the job count."""
+    worker = stack.worker_process()
+    worker.suspend()
+    try:
+        handles = submit_all()
+    finally:
+        before = sum(worker.cpu_times()[:2])
+        released = time.time()
+        worker.resume()
+    end = released
+    for h in handles:
+        get(h)
+        end = max(end, _utc(h.date_done).timestamp())
+    cpu = sum(worker.cpu_times()[:2]) - before
+    return Run(len(handles) / (end - released)), cpu, len(handles)
+
+
 def bench_overhead(args: argparse.Namespace) -> None:
-    """Celery's cost per job, apart from the model: 1-user recommend jobs on a tiny model,
-    CPU seconds per job of each process (this producer, Redis, the inference worker)."""
+    """The path's own cost per job, apart from the model: 1-user recommend jobs on a tiny model.
+    The fast path (bulk ingest) and Celery's per-task path (CONVEYOR_INGEST=false) side by side:
+    worker CPU per job draining a pre-filled queue, and with producers running beside it."""
     import psutil
 
     from shared.jobs import RecommendJob, TrainJob
@@ -390,38 +422,53 @@ def bench_overhead(args: argparse.Namespace) -> None:
         data = Path(home) / "interactions.csv"
         data.write_text("user,item\n" + "".join(f"u{u},i{(u * 7 + j) % 50}\n" for u in range(200) for j in range(6)))
         store = ModelStore(Path(home) / "models")
-        os.environ["CONVEYOR_MODEL_DIR"] = str(store.root)
         job = TrainJob(interactions_path=str(data), output_name="tiny", model_type="als", epochs=1)
         train_recommender(job, store, Path(home) / "ckpt", lambda p: None, lambda: False)
-        stack = Stack(Path(home), args.batch_size, plain=False)
+        model_env = {"CONVEYOR_MODEL_DIR": str(store.root), "CONVEYOR_TASK_EVENTS": args.events}
+        stacks = {
+            "fast path": Stack(Path(home) / "fast", args.batch_size, plain=False, devices=args.devices, extra_env=model_env),
+            "celery path": Stack(Path(home) / "celery", args.batch_size, plain=False, devices=args.devices,
+                                 extra_env={**model_env, "CONVEYOR_INGEST": "false"}),
+        }  # fmt: skip
+        users = [f"u{u % 200}" for u in range(args.n)]
         try:
-            client = stack.client
-            users = [f"u{u % 200}" for u in range(args.n)]
-
-            def run() -> Run:
-                sent = concurrent_submit(
-                    len(users), args.producers,
-                    lambda i: client.submit(RecommendJob(users=[users[i]], k=5, model="tiny"))._async,
-                )  # fmt: skip
-                return finish(sent, lambda h: h.get(timeout=600), lambda v: 1)
-
-            run()  # warm up
-            port = urlparse(stack.env["CONVEYOR_REDIS_URL"]).port
-            procs = {"producer (this process)": psutil.Process()}
-            for proc in psutil.process_iter(["cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if "redis-server" in cmd and f":{port}" in cmd:  # redis retitles itself "redis-server host:port"
-                    procs["redis"] = proc
-                elif "workers.app" in cmd and "conveyor.recommend" in cmd:
-                    procs["worker"] = proc
+            results: dict[str, list[tuple[float, float]]] = {}
             for r in range(args.rounds):
-                before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
-                result = run()
-                cpu = {name: (sum(p.cpu_times()[:2]) - before[name]) * 1000 / len(users) for name, p in procs.items()}
-                line = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
-                print(f"  round {r + 1}: {result.items_per_s:.1f} jobs/s; CPU ms per job: {line}", flush=True)
+                names = list(stacks) if r % 2 == 0 else list(reversed(stacks))
+                for name in names:
+                    stack = stacks[name]
+                    client = stack.client
+
+                    def submit_all(client: Client = client) -> list[Any]:
+                        jobs = [RecommendJob(users=[u], k=5, model="tiny") for u in users]
+                        return [h._async for h in client.submit_many(jobs)]
+
+                    run, cpu, n = drain(stack, submit_all, lambda h: h.get(timeout=600))
+                    results.setdefault(f"{name}, drain", []).append((run.items_per_s, cpu * 1000 / n))
+                    worker = stack.worker_process()
+                    before = sum(worker.cpu_times()[:2])
+                    live = finish(
+                        concurrent_submit(len(users), args.producers,
+                                          lambda i, c=client: c.submit(RecommendJob(users=[users[i]], k=5, model="tiny"))._async),
+                        lambda h: h.get(timeout=600), lambda v: 1,
+                    )  # fmt: skip
+                    cpu_live = (sum(worker.cpu_times()[:2]) - before) * 1000 / len(users)
+                    results.setdefault(f"{name}, with producers", []).append((live.items_per_s, cpu_live))
+                    for key in (f"{name}, drain", f"{name}, with producers"):
+                        rate, ms = results[key][-1]
+                        print(f"  round {r + 1}: {key}: {rate:,.0f} jobs/s, worker CPU {ms:.3f} ms/job", flush=True)
+            print(f"\noverhead: {args.n} one-user recommend jobs per variant, medians of {args.rounds} interleaved rounds")
+            med = {k: (statistics.median(v[0] for v in vs), statistics.median(v[1] for v in vs)) for k, vs in results.items()}
+            for key, (rate, ms) in med.items():
+                print(f"  {key:<30} {rate:10,.0f} jobs/s   worker CPU {ms:7.3f} ms/job")
+            for mode in ("drain", "with producers"):
+                fast, slow = med[f"fast path, {mode}"], med[f"celery path, {mode}"]
+                print(f"  {mode}: fast / celery path = {fast[0] / slow[0]:.1f}x jobs/s, {slow[1] / fast[1]:.1f}x less CPU per job")
+            print("  goals (CPU): drain <= 0.25 ms/job; with producers well under 1 ms/job")
+            del psutil
         finally:
-            stack.close()
+            for stack in stacks.values():
+                stack.close()
 
 
 def main() -> None:
@@ -432,8 +479,12 @@ def main() -> None:
     parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")
     parser.add_argument("--batch-size", type=int, default=32, help="Conveyor's CONVEYOR_MAX_BATCH_SIZE")
     parser.add_argument("--sizes", type=int, nargs="+", help="raw batch sizes (default per kind)")
+    parser.add_argument("--devices", default="auto", help="worker devices: auto (every GPU, else cpu), cpu, 0,1")
+    parser.add_argument("--events", default="all", choices=["all", "failures", "none"], help="CONVEYOR_TASK_EVENTS")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # In-process training and raw runners read inputs from the temp dir and the shared data.
+    os.environ.setdefault("CONVEYOR_INPUT_ROOTS", os.pathsep.join([tempfile.gettempdir(), str(SHARED_DATA)]))
     args.sizes = args.sizes or {"classify": [1, 8, 16, 32, 64], "transcribe": [1, 4, 8, 12]}.get(args.kind, [])
     {
         "classify": bench_classify,
