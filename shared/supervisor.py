@@ -81,6 +81,12 @@ class ChildSpec:
     new_session: bool = True
     # Stopped only once every other child has stopped (a broker the others still talk to as they stop).
     stop_last: bool = False
+    # Liveness beyond "the process exists": called every ``health_interval_s`` once the child has
+    # run ``health_grace_s``. False (e.g. a worker that stopped consuming while its queues hold
+    # work) stops the child, SIGTERM then SIGKILL, and a ``restart`` child starts again.
+    health: Callable[[Child], bool] | None = None
+    health_interval_s: float = 10.0
+    health_grace_s: float = 60.0
 
 
 @dataclass
@@ -94,6 +100,7 @@ class Child:
     next_start: float = 0.0  # monotonic time before which a restart waits (back-off)
     _log_file: IO[bytes] | None = None
     _terminated: bool = False
+    _health_checked: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -190,7 +197,10 @@ class Supervisor:
         finished = []
         now = time.monotonic()
         for i, child in enumerate(self.children):
-            if child.alive() or self.stopping.is_set():
+            if self.stopping.is_set():
+                break
+            if child.alive():
+                self._check_health(child, now)
                 continue
             if not child.spec.restart:
                 finished.append(child)
@@ -213,6 +223,22 @@ class Supervisor:
             if self.on_restart is not None:
                 self.on_restart(fresh)
         return finished
+
+    def _check_health(self, child: Child, now: float) -> None:
+        spec = child.spec
+        if spec.health is None or now - child.started_at < spec.health_grace_s:
+            return
+        if now - child._health_checked < spec.health_interval_s:
+            return
+        child._health_checked = now
+        try:
+            healthy = spec.health(child)
+        except Exception:  # a broken check must not take a working child down
+            log.exception("health check of %s failed", spec.name)
+            return
+        if not healthy:
+            log.warning("%s is running but unhealthy; stopping it%s", spec.name, " to restart it" * spec.restart)
+            child.stop()
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM ask for a stop; a second one makes the stop immediate (SIGKILL)."""

@@ -201,3 +201,29 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def test_a_stale_pid_file_never_stops_another_process(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "redis").mkdir(parents=True)
+    (home / "redis" / "redis.pid").write_text(str(os.getpid()))  # reused by an unrelated process: us
+    assert LocalRedis(home).running_pid() is None
+    assert LocalRedis(home).stop_orphan() is None  # and we are still here
+
+
+def test_the_next_up_stops_an_orphaned_redis_before_starting_its_own(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    orphan = LocalRedis(home)
+    spec = orphan.spec()
+    spec.die_with_parent = False
+    orphan.child = spawn(spec)
+    orphan.wait_ready()
+    successor = LocalRedis(home)  # what `conveyor up` does first in a home (Stack._start_redis)
+    assert successor.running_pid() == orphan.child.pid
+    assert successor.stop_orphan() == orphan.child.pid
+    orphan.child.process.wait(10)
+    url = successor.start()
+    try:
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        successor.stop()

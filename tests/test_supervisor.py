@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from shared.supervisor import ChildSpec, Supervisor, spawn
+from shared.supervisor import Child, ChildSpec, Supervisor, spawn
 
 PY = sys.executable
 
@@ -100,3 +100,31 @@ def test_a_child_log_is_private(tmp_path: Path) -> None:
     child.stop()
     assert log.read_text().strip() == "hello"
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_alive_but_unhealthy_child_is_stopped_and_restarted(tmp_path: Path) -> None:
+    checked: list[int] = []
+
+    def healthy(child: Child) -> bool:
+        checked.append(child.pid)
+        return child.restarts > 0  # the first run "stopped consuming"; its replacement is fine
+
+    supervisor = Supervisor()
+    first = supervisor.start(
+        ChildSpec("stuck", [PY, "-c", "import time; time.sleep(60)"], restart=True, stop_timeout=2,
+                  health=healthy, health_interval_s=0.1, health_grace_s=0.2)
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while supervisor.child("stuck").restarts == 0 and time.monotonic() < deadline:
+        supervisor.check()
+        time.sleep(0.05)
+    replacement = supervisor.child("stuck")
+    try:
+        assert replacement.restarts == 1 and replacement.alive()
+        assert first.returncode == -signal.SIGTERM  # stopped on purpose, not crashed
+        time.sleep(0.5)
+        supervisor.check()
+        assert supervisor.child("stuck") is replacement  # healthy now: left alone
+        assert checked[0] == first.pid and replacement.pid in checked
+    finally:
+        supervisor.stop()
