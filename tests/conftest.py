@@ -16,6 +16,8 @@ import pytest
 from producers.local_redis import LocalRedis
 from shared.supervisor import ChildSpec, spawn
 
+pytest_plugins = ["pytester"]  # tests/test_ci_rules.py runs pytest on this conftest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -43,6 +45,15 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (CI=true), which must run every test: {reason}"
     return report
+
+
+@pytest.hookimpl(tryfirst=True)  # before the terminal reporter files it as skipped
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """The same for a whole module skipped at import (a module-level importorskip)."""
+    if IN_CI and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"module skipped in CI (CI=true), which must run every test: {reason}"
 
 
 def ml100k() -> Path:
