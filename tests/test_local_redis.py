@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producers.local_redis import LocalRedis
 
@@ -18,7 +20,9 @@ def test_embedded_redis_is_private_durable_and_recorded(tmp_path: Path) -> None:
         authed = redis.Redis.from_url(url)
         assert authed.config_get("appendonly")["appendonly"] == "yes"
         assert authed.config_get("bind")["bind"] == "127.0.0.1"
-        anonymous = redis.Redis(host="127.0.0.1", port=authed.connection_pool.connection_kwargs["port"])
+        port = authed.connection_pool.connection_kwargs["port"]
+        # No retries: redis-py counts a refused login as a connection error and retries it with back-off.
+        anonymous = redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
         try:
             anonymous.ping()
             raise AssertionError("a client without the password was let in")
