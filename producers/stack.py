@@ -254,9 +254,9 @@ def stop_detached(settings: Settings, timeout: float = 30.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if _alive(pid):  # its children die with it (parent-death signal)
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         stopped.append(f"conveyor up (pid {pid})")
     if not settings.redis_url:
         orphan = LocalRedis(settings.home).stop_orphan()
