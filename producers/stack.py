@@ -65,6 +65,14 @@ def read_state(settings: Settings) -> UpState | None:
         return None
 
 
+def flower_url(settings: Settings) -> str:
+    """Where the running `up` put Flower (a free port if its own was taken), else where it would."""
+    state = read_state(settings)
+    if state is not None and state.flower_url:
+        return state.flower_url
+    return f"http://127.0.0.1:{settings.flower_port}/"
+
+
 def running_pid(settings: Settings) -> int | None:
     """The pid of the `conveyor up` that runs in this home, if one does."""
     try:
