@@ -58,7 +58,7 @@ def demo_interactions(path: Path, users: int = 60, items: int = 40, seed: int = 
         writer.writerow(["user", "item", "weight", "timestamp"])
         t = 0
         for u in range(users):
-            liked = range(0, items // 2) if u % 2 == 0 else range(items // 2, items)
+            liked = range(items // 2) if u % 2 == 0 else range(items // 2, items)
             for item in rng.sample(list(liked), 8) + rng.sample(range(items), 2):
                 t += 1
                 writer.writerow([f"u{u}", f"i{item}", 1, t])

@@ -82,7 +82,7 @@ class TableReader:
             with pacsv.open_csv(
                 self.path,
                 read_options=pacsv.ReadOptions(
-                    block_size=BLOCK_BYTES, autogenerate_column_names=not self.options.header
+                    block_size=BLOCK_BYTES, autogenerate_column_names=not self.options.header, use_threads=False
                 ),
                 parse_options=self._parse_options(),
             ) as reader:
@@ -113,7 +113,7 @@ class TableReader:
             with pacsv.open_csv(
                 self.path,
                 read_options=pacsv.ReadOptions(
-                    block_size=BLOCK_BYTES, autogenerate_column_names=not self.options.header
+                    block_size=BLOCK_BYTES, autogenerate_column_names=not self.options.header, use_threads=False
                 ),
                 parse_options=self._parse_options(),
                 convert_options=pacsv.ConvertOptions(

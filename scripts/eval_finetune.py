@@ -118,13 +118,15 @@ def main() -> None:
             names["zero-shot, label descriptions"] = {c: describe.get(c, c) for c in classes}
         for title, mapping in names.items():
             back = {v: k for k, v in mapping.items()}
-            items = [ClassifyItem(t, tuple(mapping[c] for c in classes), None, 1, "This text is {}.") for t, _ in valid_rows]
+            items = [
+                ClassifyItem(t, tuple(mapping[c] for c in classes), None, 1, "This text is {}.") for t, _ in valid_rows
+            ]
             predicted = []
             for s in range(0, len(items), 64):
                 for out in runner.run_batch(items[s : s + 64]):
                     if isinstance(out, BaseException):
                         raise out
-                    predicted.append(classes.index(back[out.labels[0].label]))
+                    predicted.append(classes.index(back[out["labels"][0]["label"]]))
             m = classification_metrics(np.array(predicted), actual, len(classes))
             table.append((title, m["accuracy"], m["macro_f1"]))
         majority = max(np.mean(actual == c) for c in range(len(classes)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal, Union
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -330,7 +330,7 @@ class FineTuneJob(JobBase):
 
 
 Job = Annotated[
-    Union[ClassifyJob, TranscribeJob, RecommendJob, TrainJob, FineTuneJob],
+    ClassifyJob | TranscribeJob | RecommendJob | TrainJob | FineTuneJob,
     Field(discriminator="type"),
 ]
 JOB_MODELS: Final[dict[str, type[JobBase]]] = {

@@ -36,5 +36,5 @@ def reuse_redis_clients() -> None:
             cached = self._conveyor_client = self._create_client()
         yield cached
 
-    kombu_redis.Channel.conn_or_acquire = conn_or_acquire
+    kombu_redis.Channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
     _PATCHED = True

@@ -7,8 +7,7 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
@@ -40,9 +39,7 @@ class Settings(BaseSettings):
         default=Path.home() / ".conveyor",
         description="Where Conveyor keeps the embedded Redis's data, its URL, logs and Flower's login.",
     )
-    model_dir: Path | None = Field(
-        default=None, description="The model store. Unset: CONVEYOR_HOME/models."
-    )
+    model_dir: Path | None = Field(default=None, description="The model store. Unset: CONVEYOR_HOME/models.")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="Most items in one forward pass.")
     max_wait_ms: float = Field(
         default=10.0, ge=0.0, le=10_000.0, description="Longest wait after a batch's first item before it runs."
@@ -95,7 +92,10 @@ class Settings(BaseSettings):
         "never holds a job forever.",
     )
     max_retries: int = Field(
-        default=3, ge=0, le=100, description="Retries of a job that failed transiently (out of memory, lost connection)."
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries of a job that failed transiently (out of memory, lost connection).",
     )
     retry_backoff_s: float = Field(
         default=0.5,

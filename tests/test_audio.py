@@ -135,7 +135,7 @@ def test_file_outside_the_input_roots_is_refused_unread(tmp_path: Path, monkeypa
     outside.write_bytes(_encode(_tone(SAMPLE_RATE, 0.2), SAMPLE_RATE, "WAV", "PCM_16"))
     (inside / "link.wav").symlink_to(outside)
     for path in (outside, inside / ".." / "clip.wav", inside / "link.wav", Path("/etc/passwd")):
-        with pytest.raises(InvalidJob, match="audio_path: .* is outside the directories jobs may read"):
+        with pytest.raises(InvalidJob, match=r"audio_path: .* is outside the directories jobs may read"):
             load_job_audio(TranscribeJob(audio_path=str(path)))
 
 

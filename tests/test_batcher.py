@@ -121,7 +121,7 @@ def test_a_batch_too_large_for_memory_runs_as_smaller_batches() -> None:
             raise FakeOutOfMemory(f"cannot fit {len(items)} items")
         return [i * 10 for i in items]
 
-    b = Batcher(small_device, BatchPolicy(max_batch_size=8, max_wait_s=1.0))
+    b: Batcher[int, int] = Batcher(small_device, BatchPolicy(max_batch_size=8, max_wait_s=1.0))
     b.on_batch = lambda size, failed: observed.append((size, failed))
     with b:
         futures = b.submit_many(list(range(8)))
@@ -131,7 +131,10 @@ def test_a_batch_too_large_for_memory_runs_as_smaller_batches() -> None:
 
 
 def test_a_runner_returning_the_wrong_count_is_caught() -> None:
-    with Batcher(lambda items: items[:-1], BatchPolicy(max_batch_size=2, max_wait_s=1.0)) as b:
+    def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    with Batcher(short, BatchPolicy(max_batch_size=2, max_wait_s=1.0)) as b:
         f1, f2 = b.submit_many([1, 2])
         # Retried alone, each call returns zero results for one item: both fail, clearly.
         for f in (f1, f2):

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from conftest import WorkerProcess
 
 from producers.client import Client
 from producers.local_redis import LocalRedis
 from shared.jobs import ClassifyJob
 from shared.names import DEAD_LETTER_KEY
-from tests.conftest import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_a_prefilled_queue_of_mixed_jobs_drains_with_every_result_or_a_clear_err
     # Idempotent duplicates: the same key returns the first job's handle; nothing new is sent.
     keyed = [ClassifyJob(texts=[TOPICAL[n % 6][0]], labels=LABELS, idempotency_key=f"k{n}") for n in range(50)]
     first = sdk.submit_many(keyed)
-    again = sdk.submit_many([ClassifyJob(**{**j.model_dump(exclude={"id"})}) for j in keyed])
+    again = sdk.submit_many([ClassifyJob(**j.model_dump(exclude={"id"})) for j in keyed])
     assert [h.id for h in first] == [h.id for h in again]
     for n, job in enumerate(keyed):
         expected[job.id] = TOPICAL[n % 6][1]
@@ -272,7 +272,8 @@ def test_flower_shows_fast_path_jobs_with_their_state_and_result(
     port = free_port()
     log = (tmp_path / "flower.log").open("wb")
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "producers.flower_app", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [sys.executable, "-m", "celery", "-A", "producers.flower_app", "flower", f"--port={port}",
+         "--address=127.0.0.1"],
         env=dict(env, FLOWER_UNAUTHENTICATED_API="true"), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     worker = start_worker(env, tmp_path / "worker.log", sdk)

@@ -31,7 +31,7 @@ def test_versions_are_numbered_and_latest_is_newest(tmp_path: Path) -> None:
 def test_unknown_names_list_what_exists(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     store.publish("recs", _build(store, "x"), {})
-    with pytest.raises(ModelNotFound, match="available: .*recs"):
+    with pytest.raises(ModelNotFound, match=r"available: .*recs"):
         store.resolve("nope")
     with pytest.raises(ModelNotFound, match="has no version 7; it has: recs@1"):
         store.resolve("recs@7")
@@ -68,5 +68,8 @@ def test_a_failed_build_leaves_no_version_and_no_staging(tmp_path: Path) -> None
     with pytest.raises(OSError, match="disk full"):
         store.build_and_publish("recs", write, {})
     assert store.versions("recs") == [] and not list((tmp_path / ".staging").iterdir())
-    ok = store.build_and_publish("recs", lambda built: (built / "w").write_text("x"), {"kind": "recommender"})
+    def build(built: Path) -> None:
+        (built / "w").write_text("x")
+
+    ok = store.build_and_publish("recs", build, {"kind": "recommender"})
     assert ok.ref == "recs@1" and store.resolve("recs").kind == "recommender"

@@ -16,7 +16,7 @@ def test_every_setting_has_a_description_and_a_readme_row() -> None:
         assert f"CONVEYOR_{name.upper()}" in readme, f"README does not list CONVEYOR_{name.upper()}"
 
 
-def test_settings_come_from_the_environment(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_settings_come_from_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CONVEYOR_MAX_BATCH_SIZE", "7")
     monkeypatch.setenv("CONVEYOR_HOME", str(tmp_path))
     monkeypatch.delenv("CONVEYOR_REDIS_URL", raising=False)

@@ -63,7 +63,7 @@ def test_bad_number_names_line_and_column(tmp_path: Path) -> None:
 
 
 def test_bad_time(tmp_path: Path) -> None:
-    with pytest.raises(InvalidJob, match="neither a number nor an ISO 8601 time$"):
+    with pytest.raises(InvalidJob, match=r"neither a number nor an ISO 8601 time$"):
         read_interactions(write(tmp_path / "a.csv", "user,item,time\na,b,yesterday\n"))
 
 

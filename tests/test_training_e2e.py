@@ -135,7 +135,7 @@ def test_fine_tuned_model_is_served_by_classify_at_once_as_latest(
     training_worker()
     data = _sms_slice(tmp_path / "sms.csv", per_class=120)
     # Settings measured to learn on a slice this small (batch 16 at lr 2e-4 learned nothing).
-    settings = {"batch_size": 8, "learning_rate": 1e-4, "max_length": 48}
+    settings: dict[str, Any] = {"batch_size": 8, "learning_rate": 1e-4, "max_length": 48}
     tuned = client.submit(
         FineTuneJob(data_path=str(data), output_name="sms-filter", epochs=1, **settings)
     ).result(timeout=900)

@@ -22,12 +22,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_many_jobs_share_batches_and_a_corrupt_one_fails_alone(
-    client: Client, worker: Any, prepared_models: Path, librispeech: list[dict[str, str]]  # noqa: F811
+    client: Client,
+    worker: Any,
+    prepared_models: Path,
+    librispeech: list[dict[str, str]],  # noqa: F811
 ) -> None:
     clips = librispeech[:6]
     jobs = [
         # half by path (the worker reads the file), half inline
-        TranscribeJob(audio_path=c["path"]) if i % 2 else TranscribeJob(audio_b64=base64.b64encode(Path(c["path"]).read_bytes()))
+        TranscribeJob(audio_path=c["path"])
+        if i % 2
+        else TranscribeJob(audio_b64=base64.b64encode(Path(c["path"]).read_bytes()))
         for i, c in enumerate(clips)
     ]
     corrupt = TranscribeJob(audio_b64=base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk"))
@@ -52,7 +57,9 @@ def test_many_jobs_share_batches_and_a_corrupt_one_fails_alone(
 
 
 def test_cli_transcribes_a_file_with_timestamps(
-    worker: Any, prepared_models: Path, librispeech: list[dict[str, str]]  # noqa: F811
+    worker: Any,
+    prepared_models: Path,
+    librispeech: list[dict[str, str]],  # noqa: F811
 ) -> None:
     clip = librispeech[0]
     out = subprocess.run(

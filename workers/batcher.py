@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 I = TypeVar("I")  # noqa: E741 - item
-O = TypeVar("O")  # output
+O = TypeVar("O")  # noqa: E741 - output
 
 RunBatch = Callable[[list[I]], Sequence[O | BaseException]]
 

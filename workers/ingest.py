@@ -206,7 +206,6 @@ class Ingest:
         self.on_outcome = on_outcome
         lists = served_lists(queues, bulk_queues)
         self._list_keys = [key for key, _ in lists]
-        self._list_queue = {key: queue for key, queue in lists}
         self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, *self._list_keys]
         self._queue_args = [queue for _, queue in lists]
         self._pop = client.register_script(POP_SCRIPT)
@@ -249,7 +248,9 @@ class Ingest:
         tags = []
         for key, entry in list(self._inflight.items()):
             if now - entry.started > self.time_limit_s:
-                log.error("job %s ran past the %.0fs time limit; releasing it for redelivery", entry.id, self.time_limit_s)
+                log.error(
+                    "job %s ran past the %.0fs time limit; releasing it for redelivery", entry.id, self.time_limit_s
+                )
                 if self._inflight.pop(key, None) is not None:
                     self._release(entry.items)
                     if self.on_active is not None:
@@ -266,7 +267,7 @@ class Ingest:
     # -- the pull loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         backoff = 0.1
-        given: tuple[bytes, int] | None = None  # a message BRPOP returned, not yet registered
+        given: tuple[bytes | str, int] | None = None  # a message BRPOP returned, not yet registered
         while not self._stop.is_set():
             try:
                 self._due_retries()
@@ -300,7 +301,7 @@ class Ingest:
                 self._room.wait(0.5)
             return self.prefetch_items - self._items if not self._stop.is_set() else 0
 
-    def _pop_messages(self, room: int, given: tuple[bytes, int] | None) -> list[tuple[str, str]]:
+    def _pop_messages(self, room: int, given: tuple[bytes | str, int] | None) -> list[tuple[str, str]]:
         args: list[Any] = [room, time.time(), *self._queue_args]
         if given is not None:
             args += [given[0], given[1] + 1]

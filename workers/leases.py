@@ -46,7 +46,7 @@ class LeaseKeeper:
             return 0
         now = time.time()
         # XX: only re-stamp entries that still exist; an acked job must not reappear.
-        return int(self.client.zadd(UNACKED_INDEX_KEY, {tag: now for tag in tags}, xx=True, ch=True) or 0)
+        return int(self.client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

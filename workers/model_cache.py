@@ -41,7 +41,7 @@ class ModelCache:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
-                return self._entries[key][0]  # type: ignore[no-any-return]
+                return self._entries[key][0]
         value = load()  # outside the lock: loading is slow; the batching thread is the only loader
         size = self._sizer(value)
         with self._lock:

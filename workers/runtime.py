@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from shared.errors import JobExpired
@@ -58,7 +59,11 @@ def _build_kind(job_type: str, store: ModelStore, cache: ModelCache, device: str
 
 class Runtime:
     def __init__(
-        self, settings: Settings, worker: str = "unknown", device: str | None = None, on_batch: BatchObserver | None = None
+        self,
+        settings: Settings,
+        worker: str = "unknown",
+        device: str | None = None,
+        on_batch: BatchObserver | None = None,
     ) -> None:
         self.settings = settings
         self.worker = worker
@@ -181,7 +186,14 @@ class _Gather:
     __slots__ = ("runtime", "kind", "job", "prep", "done", "picked_at", "started", "outs", "sizes", "left", "lock")
 
     def __init__(
-        self, runtime: Runtime, kind: JobKind, job: JobBase, prep: Prepared, done: Done, picked_at: datetime, started: float
+        self,
+        runtime: Runtime,
+        kind: JobKind,
+        job: JobBase,
+        prep: Prepared,
+        done: Done,
+        picked_at: datetime,
+        started: float,
     ) -> None:
         self.runtime, self.kind, self.job, self.prep, self.done = runtime, kind, job, prep, done
         self.picked_at, self.started = picked_at, started
@@ -193,7 +205,7 @@ class _Gather:
 
     def attach(self, futures: list[Future[Batched[Any]]]) -> None:
         for i, future in enumerate(futures):
-            future.add_done_callback(lambda f, i=i: self._item_done(i, f))
+            future.add_done_callback(partial(self._item_done, i))
 
     def _item_done(self, i: int, future: Future[Batched[Any]]) -> None:
         exc = future.exception() if not future.cancelled() else RuntimeError("item cancelled")
@@ -215,8 +227,8 @@ class _Gather:
             body = self.kind.finish(self.job, self.prep, self.outs)
             meta = self.runtime.meta(self.job, self.prep.model, self.sizes, self.picked_at, self.started)
             out: dict[str, Any] | BaseException = {"job_id": self.job.id, "type": self.job.type, **body, "meta": meta}
-        except Exception as exc:  # a result that cannot be assembled fails this job alone
-            out = exc
+        except Exception as err:  # a result that cannot be assembled fails this job alone
+            out = err
         self.done(self.job, out)
 
 

@@ -193,7 +193,7 @@ def _build_configs(
 
     def ids(token: str) -> int:
         found = tokenizer.convert_tokens_to_ids(token)
-        if not isinstance(found, int) or found == tokenizer.unk_token_id and token != "<|endoftext|>":
+        if not isinstance(found, int) or (found == tokenizer.unk_token_id and token != "<|endoftext|>"):
             raise ValueError(f"the tokenizer has no {token}")
         return found
 

@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 LOST_CHECK_S: Final = 30.0  # a chunk in flight this long is looked for in the queue
 RECONNECT_S: Final = 120.0  # how long Redis may be unreachable before the run gives up
+ASSEMBLY_ROWS: Final = 8192  # rows per output batch while the output is written
 ABORTING_ERRORS: Final = ("ModelNotFound",)  # every chunk would fail the same way
 
 
@@ -389,11 +390,14 @@ class ScoreRun:
         # pyarrow reads every column for an empty selection: read the scored one for row counts instead.
         read = self.keep or [self.request.column]
         try:
-            for batch in self.reader.batches(read):
-                results = feed.take(batch.num_rows)
-                arrays = [batch.column(i) for i in range(len(self.keep))]
-                arrays += [pa.array(results[f.name], type=f.type) for f in fields[len(self.keep) :]]
-                writer.write(pa.RecordBatch.from_arrays(arrays, schema=schema))
+            for block in self.reader.batches(read):
+                # A narrow file's block holds ~100k rows: results become Python objects a slice at a time.
+                for start in range(0, block.num_rows, ASSEMBLY_ROWS):
+                    batch = block.slice(start, ASSEMBLY_ROWS)
+                    results = feed.take(batch.num_rows)
+                    arrays = [batch.column(i) for i in range(len(self.keep))]
+                    arrays += [pa.array(results[f.name], type=f.type) for f in fields[len(self.keep) :]]
+                    writer.write(pa.RecordBatch.from_arrays(arrays, schema=schema))
         finally:
             writer.close()
         if not feed.exhausted:

@@ -223,9 +223,7 @@ def _with_ids(item: ClassifyItem, ids: tuple[int, ...]) -> ClassifyItem:
     return ClassifyItem(item.text, item.labels, item.model, item.top_k, item.template, ids)
 
 
-def _ranked(
-    labels: Sequence[str], scores: Any, sims: Any | None, order: Any, top_k: int | None
-) -> dict[str, Any]:
+def _ranked(labels: Sequence[str], scores: Any, sims: Any | None, order: Any, top_k: int | None) -> dict[str, Any]:
     """One text's ranking as the JSON ``TextClassification`` describes, built as plain dicts."""
     keep = order[: top_k or len(labels)].tolist()
     score_list = scores.tolist()

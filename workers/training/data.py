@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -79,6 +79,7 @@ def read_interactions(path: str | Path, min_rows: int = MIN_INTERACTIONS) -> Int
     item_col = _pick(columns, ITEM_COLUMNS, path, header, required=True)
     weight_col = _pick(columns, WEIGHT_COLUMNS, path, header, required=False)
     time_col = _pick(columns, TIME_COLUMNS, path, header, required=False)
+    assert user_col is not None and item_col is not None  # required=True raises when absent
 
     user_index: dict[str, int] = {}
     item_index: dict[str, int] = {}
@@ -214,7 +215,7 @@ def _delimited(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, Re
     # A tab in the header means TSV whatever the suffix: RecBole's .inter files are TSV.
     delimiter = "\t" if "\t" in first or path.suffix.lower() in (".tsv", ".inter") else ","
     # TSV is read with quoting off: real TSV files carry stray quotes inside texts.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
     try:
         header = [name.strip() for name in next(reader)]
