@@ -121,7 +121,9 @@ def _start(sender: Any = None, **_: Any) -> None:
     try:
         from workers.metrics import WorkerMetrics
 
-        process.metrics = WorkerMetrics(redis.Redis.from_url(settings.broker_url()), hostname).start()
+        process.metrics = WorkerMetrics(
+            redis.Redis.from_url(settings.broker_url()), hostname, flush_every_s=settings.metrics_flush_s
+        ).start()
     except Exception:  # metrics are for watching: never a reason not to serve
         log.exception("worker metrics are off")
     if process.ingest_queues:
@@ -156,6 +158,7 @@ def _start_ingest(hostname: str) -> None:
         revoked=worker_state.revoked,
         on_active=_on_active,
         on_outcome=_on_outcome,
+        on_retry=_on_retry,
     ).start()
     log.info("bulk ingest serving %s", ", ".join(process.ingest_queues))
 
@@ -179,8 +182,11 @@ def _on_outcome(entry: Any, outcome: Any) -> None:
     if entry is not None and outcome.state:
         queue_s = max(0.0, entry.received - entry.job.submitted_at.timestamp())
         metrics.job(entry.job_type, outcome.state, queue_s, outcome.runtime)
-        if outcome.env.retries:
-            metrics.retried(entry.job_type)
+
+
+def _on_retry(entry: Any) -> None:
+    if process.metrics is not None:
+        process.metrics.retried(entry.job_type)
 
 
 @worker_shutdown.connect

@@ -33,6 +33,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from shared import dead_letters
 from shared.errors import ConveyorError, InvalidJob, JobCancelled, JobExpired, describe_validation_error
 from shared.jobs import ClassifyJob, JobBase, RecommendJob, TranscribeJob
 from shared.names import CANCEL_KEY_PREFIX, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, TASKS
@@ -192,6 +193,7 @@ class Ingest:
         revoked: Container[str] = frozenset(),
         on_active: Callable[[InFlight, bool], None] | None = None,
         on_outcome: Callable[[InFlight | None, Outcome], None] | None = None,
+        on_retry: Callable[[InFlight], None] | None = None,
     ) -> None:
         self.client = client
         self.runtime = runtime
@@ -204,6 +206,7 @@ class Ingest:
         self.revoked = revoked
         self.on_active = on_active
         self.on_outcome = on_outcome
+        self.on_retry = on_retry
         lists = served_lists(queues, bulk_queues)
         self._list_keys = [key for key, _ in lists]
         self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, *self._list_keys]
@@ -316,6 +319,8 @@ class Ingest:
     def _dispatch(self, pairs: list[tuple[str, str]]) -> None:
         received = time.time()
         envs: list[Envelope] = []
+        if any(not tag for tag, _ in pairs):
+            dead_letters.trim(self.client)  # the pop script added some: keep the store bounded
         for tag, msg in pairs:
             if not tag:
                 log.warning("a message that is not a JSON object was moved to the dead-letter queue as %s", msg)
@@ -414,6 +419,8 @@ class Ingest:
         # Exponential backoff with full jitter; the job stays held (and leased) meanwhile.
         delay = random.uniform(0, self.retry_backoff_s * 2 ** (entry.attempts - 1))
         log.warning("job %s failed transiently; retry %d in %.2fs", entry.id, entry.attempts, delay)
+        if self.on_retry is not None:
+            self.on_retry(entry)
         with self._room:
             self._seq += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, self._seq, entry))

@@ -23,7 +23,8 @@ from typing import Any
 
 import redis
 
-from shared.names import DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY
+from shared import dead_letters
+from shared.dead_letters import DeadLetter, raw_message_text
 from workers.envelope import Envelope
 from workers.task_events import TaskEvents
 
@@ -128,6 +129,8 @@ class ResultWriter:
                 pipe.zrem(UNACKED_INDEX_KEY, env.tag)
                 pipe.hdel(UNACKED_KEY, env.tag)
         pipe.execute()
+        if any(o.dead_letter is not None for o in batch):
+            dead_letters.trim(self.client)  # bounded: a flood of garbage cannot fill Redis
 
     def _meta(self, o: Outcome, done: str) -> dict[str, Any]:
         env = o.env
@@ -150,15 +153,12 @@ class ResultWriter:
 
 
 def _dead_letter(pipe: Any, env: Envelope, reason: str) -> None:
-    letter_id = env.id or env.tag or f"raw-{time.time_ns()}"
-    entry = {
-        "id": letter_id,
-        "queue": env.queue or "",
-        "task": env.task,
-        "reason": reason,
-        "failed_at": datetime.now(UTC).isoformat(),
-        "retries": env.retries,
-        "message": env.raw,
-    }
-    pipe.hset(DEAD_LETTER_KEY, letter_id, _dumps(entry))
-    pipe.zadd(DEAD_LETTER_ORDER_KEY, {letter_id: time.time()})
+    letter = DeadLetter(
+        id=env.id or env.tag or f"raw-{time.time_ns()}",
+        queue=env.queue or "",
+        task=env.task,
+        reason=reason,
+        retries=env.retries,
+        message=raw_message_text(env.raw),
+    )
+    dead_letters.add(pipe, letter)

@@ -9,6 +9,7 @@ InvalidJob naming the fields; it never reaches a batch.
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeVar
 
 from celery import Task
@@ -53,17 +54,32 @@ def recommend(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _run(RecommendJob, self, args, kwargs)
 
 
-@app.task(name=TASKS["train"], bind=True, throws=EXPECTED, track_started=True)
-def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def _long(
+    task: Task, model: type[TrainJob] | type[FineTuneJob], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     from workers.long_jobs import run_long_job
 
-    job = decode_job(TrainJob, self, args, kwargs)
-    return run_long_job(self, job, runtime(), str(self.request.hostname or "unknown")).model_dump(mode="json")
+    started = time.monotonic()
+    job = decode_job(model, task, args, kwargs)
+    queue_s = max(0.0, time.time() - job.submitted_at.timestamp())
+    state = "FAILURE"
+    try:
+        result = run_long_job(task, job, runtime(), str(task.request.hostname or "unknown")).model_dump(mode="json")
+        state = "SUCCESS"
+        return result
+    except JobCancelled:
+        state = "REVOKED"
+        raise
+    finally:
+        if process.metrics is not None:  # long jobs are counted beside the inference ones
+            process.metrics.job(job.type, state, queue_s, time.monotonic() - started)
+
+
+@app.task(name=TASKS["train"], bind=True, throws=EXPECTED, track_started=True)
+def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _long(self, TrainJob, args, kwargs)
 
 
 @app.task(name=TASKS["fine-tune"], bind=True, throws=EXPECTED, track_started=True)
 def fine_tune(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    from workers.long_jobs import run_long_job
-
-    job = decode_job(FineTuneJob, self, args, kwargs)
-    return run_long_job(self, job, runtime(), str(self.request.hostname or "unknown")).model_dump(mode="json")
+    return _long(self, FineTuneJob, args, kwargs)

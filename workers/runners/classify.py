@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.errors import InvalidJob
-from shared.jobs import ClassifyJob, JobBase
+from shared.jobs import ClassifyJob, JobBase, apply_label_template
 from shared.model_store import ModelStore, ModelVersion
 from workers.batcher import Batcher, BatchPolicy
 from workers.kinds import Prepared
@@ -43,12 +43,6 @@ class ClassifyItem:
     top_k: int | None = None
     template: str = "{}"
     ids: tuple[int, ...] | None = None  # the embedder's token ids (zero-shot), set by ``encode``
-
-
-def label_sentence(template: str, label: str) -> str:
-    """The template's one ``{}`` slot filled with the label: a plain replace, never ``str.format``
-    (which would run whatever format fields a job sends)."""
-    return template.replace("{}", label, 1)
 
 
 def model_dtype(device: str) -> torch.dtype:
@@ -175,7 +169,8 @@ class ClassifyRunner:
             sets[(item.labels or (), item.template)].append(n)
         parts: list[torch.Tensor] = []
         for (labels, template), rows in sets.items():
-            matrix = self._label_matrix(tuple(label_sentence(template, label) for label in labels))
+            # The template's one {} slot is filled by a split, never str.format (which runs format fields).
+            matrix = self._label_matrix(tuple(apply_label_template(template, label) for label in labels))
             sims = text_vectors[rows] @ matrix.T
             probs = torch.softmax(sims / ZERO_SHOT_TEMPERATURE, dim=1)
             parts.append(torch.stack([probs, sims]).flatten())
