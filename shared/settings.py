@@ -74,6 +74,19 @@ class Settings(BaseSettings):
         description="Inference workers take their jobs many at a time (bulk ingest); false: Celery's "
         "one-task-per-job path, for comparison.",
     )
+    instances_per_device: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Inference worker processes per device (Triton's instance groups), each with its own "
+        "batchers: for small models whose per-job Python, not the device, is the bound.",
+    )
+    worker_stall_s: float = Field(
+        default=120.0,
+        ge=5.0,
+        description="An inference worker whose ingest loop has not turned for this long (alive but not "
+        "consuming) is restarted by its supervisor.",
+    )
     prefetch_items: int = Field(
         default=0,
         ge=0,

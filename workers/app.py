@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -128,6 +129,7 @@ def _start(sender: Any = None, **_: Any) -> None:
         log.exception("worker metrics are off")
     if process.ingest_queues:
         _start_ingest(hostname)
+        threading.Thread(target=_heartbeat, args=(hostname,), name="heartbeat", daemon=True).start()
     process.leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
 
 
@@ -161,6 +163,21 @@ def _start_ingest(hostname: str) -> None:
         on_retry=_on_retry,
     ).start()
     log.info("bulk ingest serving %s", ", ".join(process.ingest_queues))
+
+
+def _heartbeat(hostname: str) -> None:
+    """Touch this worker's heartbeat file while its ingest loop turns; the supervisor restarts a
+    worker whose file goes stale (alive but no longer consuming)."""
+    from workers.launch import heartbeat_path
+
+    path = heartbeat_path(settings.home, hostname)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    while process.ingest is not None:
+        if time.monotonic() - process.ingest.beat < settings.worker_stall_s:
+            path.touch(mode=0o600)
+        else:
+            log.error("the ingest loop has not turned for %.0fs; letting the heartbeat lapse", settings.worker_stall_s)
+        time.sleep(min(5.0, settings.worker_stall_s / 4))
 
 
 def _on_active(entry: Any, running: bool) -> None:

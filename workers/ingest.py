@@ -55,7 +55,7 @@ TASK_TYPES: dict[str, str] = {TASKS[t]: t for t in JOB_MODELS}
 # optionally a message already popped (by BRPOP) and the index of its list.
 # Returns tag, message pairs; a tag of "" means the message was dead-lettered (then the
 # second element is the dead letter's id).
-POP_SCRIPT = """
+POP_SCRIPT = r"""
 local n = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local nlists = #KEYS - 4
@@ -64,9 +64,13 @@ local function take(m, qname)
   local ok, msg = pcall(cjson.decode, m)
   if not ok or type(msg) ~= 'table' then
     local id = 'undecodable-' .. redis.call('INCR', KEYS[3] .. ':seq')
-    local reason = 'not a Celery message: not a JSON object'
-    redis.call('HSET', KEYS[3], id, cjson.encode({id=id, queue=qname, reason=reason, failed_at=now,
-      retries=0, message=m}))
+    -- The entry must be valid JSON whatever the bytes: each byte >= 0x80 is written as a
+    -- surrogate escape (Python reads it back byte for byte with 'surrogateescape').
+    local raw = (string.gsub(cjson.encode(m), '[\128-\255]', function(c)
+      return string.format('\\udc%02x', string.byte(c)) end))
+    redis.call('HSET', KEYS[3], id, '{"id":' .. cjson.encode(id) .. ',"queue":' .. cjson.encode(qname) ..
+      ',"reason":"not a Celery message: not a JSON object","failed_at":' .. now .. ',"retries":0,"message":' ..
+      raw .. '}')
     redis.call('ZADD', KEYS[4], now, id)
     table.insert(out, '')
     table.insert(out, id)
@@ -221,6 +225,7 @@ class Ingest:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ingest", daemon=True)
         self.popped = 0
+        self.beat = time.monotonic()  # when the pull loop last turned: the worker's liveness
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Ingest:
@@ -272,6 +277,7 @@ class Ingest:
         backoff = 0.1
         given: tuple[bytes | str, int] | None = None  # a message BRPOP returned, not yet registered
         while not self._stop.is_set():
+            self.beat = time.monotonic()
             try:
                 self._due_retries()
                 room = self._wait_for_room()
@@ -302,6 +308,7 @@ class Ingest:
         with self._room:
             while self._items >= self.prefetch_items and not self._stop.is_set():
                 self._room.wait(0.5)
+                self.beat = time.monotonic()  # waiting for the batches to make room is alive
             return self.prefetch_items - self._items if not self._stop.is_set() else 0
 
     def _pop_messages(self, room: int, given: tuple[bytes | str, int] | None) -> list[tuple[str, str]]:

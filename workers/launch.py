@@ -14,7 +14,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 from shared.names import TRAINING_QUEUE, WORKER_INFERENCE_QUEUES
 from shared.settings import Settings
@@ -88,7 +91,9 @@ def plan(devices: list[str], settings: Settings, inference: bool = True, trainin
     for device in devices:
         label = "cpu" if device == "cpu" else f"gpu{device}"
         if inference:
-            specs.append(WorkerSpec(f"{label}@{host}", device, WORKER_INFERENCE_QUEUES, settings.concurrency()))
+            for n in range(settings.instances_per_device):  # Triton's instance groups: several per device
+                node = f"{label}@{host}" if n == 0 else f"{label}-{n + 1}@{host}"
+                specs.append(WorkerSpec(node, device, WORKER_INFERENCE_QUEUES, settings.concurrency()))
         if training:
             # Long jobs one at a time per device, in their own process, so inference keeps flowing.
             specs.append(WorkerSpec(f"train-{label}@{host}", device, (TRAINING_QUEUE,), 1))
@@ -99,17 +104,37 @@ def plan(devices: list[str], settings: Settings, inference: bool = True, trainin
 STOP_TIMEOUT_S = 6.0
 
 
-def supervise(specs: list[WorkerSpec], loglevel: str = "info", exit_with_parent: bool = False) -> int:
+def heartbeat_path(home: Path, node: str) -> Path:
+    """Where an inference worker records that its ingest loop turns (``workers.app``)."""
+    return home / "run" / f"{node}.alive"
+
+
+def heartbeat_fresh(path: Path, max_age_s: float, _child: object = None) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < max_age_s
+    except FileNotFoundError:
+        return False
+
+
+def supervise(
+    specs: list[WorkerSpec], loglevel: str = "info", exit_with_parent: bool = False, settings: Settings | None = None
+) -> int:
     """Run one Celery worker per spec under the shared supervisor: each restarted if it dies
     (with back-off), all stopped together on SIGTERM or Ctrl-C, or when our parent dies."""
+    settings = settings or Settings()
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     for spec in specs:
         log.info("starting %s on %s for %s", spec.node, spec.device, ",".join(spec.queues))
         # In our process group: a SIGKILL to the group (as the tests' hard kill does) takes the workers too.
+        inference = TRAINING_QUEUE not in spec.queues
         child = ChildSpec(
             spec.node, spec.command(loglevel), env=spec.env(), restart=True, stop_timeout=STOP_TIMEOUT_S,
             new_session=False,
+            # Alive but not consuming (a wedged ingest loop): its heartbeat goes stale, and it is restarted.
+            health=partial(heartbeat_fresh, heartbeat_path(settings.home, spec.node), settings.worker_stall_s)
+            if inference else None,
+            health_interval_s=5.0, health_grace_s=max(60.0, settings.worker_stall_s),
         )  # fmt: skip
         supervisor.start(child)
     parent = os.getppid()
@@ -137,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.broker_url()  # fail early, with the message that says how to configure Redis
     only = args.only
     specs = plan(parse_devices(args.devices), settings, inference=only != "training", training=only != "inference")
-    return supervise(specs, args.loglevel, args.exit_with_parent)
+    return supervise(specs, args.loglevel, args.exit_with_parent, settings)
 
 
 if __name__ == "__main__":
