@@ -26,8 +26,8 @@ from e2e_helpers import LABELS, TOPICAL, celery_children, start_worker, wait_for
 
 from producers.client import Client
 from producers.local_redis import LocalRedis
-from shared.jobs import ClassifyJob
 from shared.dead_letters import DeadLetter
+from shared.jobs import ClassifyJob
 from shared.names import DEAD_LETTER_KEY
 
 pytestmark = pytest.mark.slow

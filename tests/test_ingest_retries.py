@@ -1,0 +1,123 @@
+"""The ingest's retry and time-limit policy, against a real Redis, with a fake runtime (the one
+piece under test is the ingest): transient failures are retried with backoff up to a bound,
+the count shows in the job's state, the exhausted ones are dead-lettered with their message;
+invalid jobs are never retried; a job stuck past its time limit is let go for redelivery."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from producers.local_redis import LocalRedis
+from shared.dead_letters import DeadLetter
+from shared.errors import InvalidJob, TransientError
+from shared.jobs import JobBase
+from shared.names import DEAD_LETTER_KEY
+from workers.ingest import Ingest
+from workers.task_events import TaskEvents
+
+
+class FlakyRuntime:
+    """Fails each job transiently ``failures[text]`` times, then succeeds; 'invalid' fails for good;
+    'hang' never finishes."""
+
+    def __init__(self, failures: dict[str, int]) -> None:
+        self.failures = dict(failures)
+        self.calls: dict[str, int] = {}
+
+    def submit(self, jobs: Sequence[JobBase], done: Callable[[JobBase, Any], None]) -> None:
+        for job in jobs:
+            text = job.texts[0]  # type: ignore[attr-defined]
+            self.calls[text] = self.calls.get(text, 0) + 1
+            if text == "hang":
+                continue
+            if text == "invalid":
+                done(job, InvalidJob("texts.0: not a real text"))
+            elif self.failures.get(text, 0) > 0:
+                self.failures[text] -= 1
+                done(job, TransientError("CUDA out of memory (simulated)"))
+            else:
+                done(job, {"job_id": job.id, "type": "classify", "results": [], "meta": {}})
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    server = LocalRedis(tmp_path, record_url=False)
+    yield server.start()
+    server.stop()
+
+
+def make_ingest(url: str, runtime: FlakyRuntime, **overrides: Any) -> Ingest:
+    options: dict[str, Any] = {
+        "hostname": "test@host", "queues": ["conveyor.classify"], "bulk_queues": [], "prefetch_items": 8,
+        "result_ttl_s": 600, "time_limit_s": 600, "max_retries": 3, "retry_backoff_s": 0.05,
+    }  # fmt: skip
+    options.update(overrides)
+    events = TaskEvents(Celery("t", broker=url), "test@host", "none")
+    return Ingest(redis.Redis.from_url(url), runtime, redis.Redis.from_url(url), events, **options)  # type: ignore[arg-type]
+
+
+def send(app: Celery, text: str) -> str:
+    return str(
+        app.send_task("conveyor.classify", args=[{"texts": [text], "labels": ["a", "b"]}], queue="conveyor.classify").id
+    )
+
+
+def state(r: redis.Redis, task_id: str, timeout: float = 20) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        raw = r.get(f"celery-task-meta-{task_id}")
+        if raw is not None:
+            return dict(json.loads(raw))
+        time.sleep(0.02)
+    raise AssertionError(f"no result for {task_id}")
+
+
+def test_transient_failures_are_retried_with_a_bound_and_then_dead_lettered(url: str) -> None:
+    runtime = FlakyRuntime({"twice": 2, "always": 99})
+    ingest = make_ingest(url, runtime).start()
+    app = Celery("producer", broker=url, backend=url)
+    r = redis.Redis.from_url(url)
+    try:
+        twice, always, invalid = send(app, "twice"), send(app, "always"), send(app, "invalid")
+        ok = state(r, twice)
+        assert ok["status"] == "SUCCESS" and ok["retries"] == 2 and runtime.calls["twice"] == 3
+        failed = state(r, always)
+        assert failed["status"] == "FAILURE" and failed["retries"] == 3 and runtime.calls["always"] == 4
+        assert failed["result"]["exc_type"] == "TransientError"
+        bad = state(r, invalid)
+        assert (
+            bad["status"] == "FAILURE" and bad["result"]["exc_type"] == "InvalidJob" and runtime.calls["invalid"] == 1
+        )
+        time.sleep(0.3)
+        letters = [DeadLetter.from_json(v) for v in r.hvals(DEAD_LETTER_KEY)]
+        assert [(x.id, x.retries) for x in letters] == [(always, 3)]
+        assert "failed after 3 retries" in letters[0].reason
+        assert json.loads(letters[0].message)["headers"]["id"] == always  # the original message, to requeue
+        assert r.hlen("unacked") == 0
+    finally:
+        ingest.stop(timeout=5)
+
+
+def test_a_job_stuck_past_its_time_limit_is_released_for_redelivery(url: str) -> None:
+    ingest = make_ingest(url, FlakyRuntime({}), time_limit_s=0.5).start()
+    app = Celery("producer", broker=url, backend=url)
+    r = redis.Redis.from_url(url)
+    try:
+        send(app, "hang")
+        end = time.monotonic() + 10
+        while not ingest.held and time.monotonic() < end:
+            time.sleep(0.02)
+        (tag,) = ingest.held_tags()  # held and leased while young
+        time.sleep(0.7)
+        assert ingest.held_tags() == [] and ingest.held == 0  # no longer renewed: kombu will redeliver it
+        assert r.hexists("unacked", tag)  # still kombu's to restore, not acknowledged
+    finally:
+        ingest.stop(timeout=1)
