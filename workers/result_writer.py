@@ -121,7 +121,7 @@ class ResultWriter:
             if o.state and env.id:
                 value = _dumps(self._meta(o, done))
                 key = RESULT_KEY_PREFIX + env.id
-                pipe.setex(key, self.ttl, value)
+                pipe.set(key, value, ex=self.ttl)
                 pipe.publish(key, value)
             if o.dead_letter is not None:
                 _dead_letter(pipe, env, o.dead_letter)
