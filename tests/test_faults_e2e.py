@@ -107,6 +107,9 @@ def test_jobs_held_and_queued_finish_after_redis_restarts(
         server.restart()
         results = wait_for(redis.Redis.from_url(server.url), list(want), timeout=300)
         assert_all_correct(results, want)
+        # The same producer, without being told, reconnects too.
+        again = sdk.submit(ClassifyJob(texts=[TOPICAL[0][0]], labels=LABELS)).result_json(timeout=120)
+        assert again["results"][0]["labels"][0]["label"] == TOPICAL[0][1]
         r = redis.Redis.from_url(server.url)
         end = time.monotonic() + 20  # the last acknowledgements land just after the last results
         while r.hlen("unacked") and time.monotonic() < end:
@@ -323,5 +326,22 @@ def test_a_fuzz_of_malformed_messages_never_stops_the_worker(
                 assert got_raw is not None and json.loads(got_raw)["status"] == "FAILURE", n
         assert celery_children(worker.proc.pid) == [pid], "the worker restarted"
         assert "Unrecoverable error" not in worker.tail(2_000_000)
+    finally:
+        worker.stop()
+
+
+def test_a_worker_alive_but_not_consuming_is_restarted(env: dict[str, str], sdk: Client, tmp_path: Path) -> None:
+    worker = start_worker(dict(env, CONVEYOR_WORKER_STALL_S="5"), tmp_path / "worker.log", sdk)
+    try:
+        (stuck,) = celery_children(worker.proc.pid)
+        os.kill(stuck, signal.SIGSTOP)  # alive (its process is there) but consuming nothing
+        jobs, want = jobs_with_labels(10, texts_per_job=1)
+        sdk.submit_many(jobs)
+        end = time.monotonic() + 120
+        while celery_children(worker.proc.pid) in ([stuck], []):
+            assert time.monotonic() < end, "the stalled worker was not replaced:\n" + worker.tail()
+            time.sleep(0.5)
+        assert stuck not in celery_children(worker.proc.pid)
+        assert_all_correct(wait_for(redis.Redis.from_url(env["CONVEYOR_REDIS_URL"]), list(want), 300), want)
     finally:
         worker.stop()

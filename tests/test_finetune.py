@@ -57,7 +57,7 @@ def test_stratified_split_keeps_class_shares() -> None:
 
 
 def test_stratified_split_needs_two_of_each_label() -> None:
-    with pytest.raises(InvalidJob, match="label 'b' has 1 example"):
+    with pytest.raises(InvalidJob, match="a label has 1 example"):
         stratified_split(["a"] * 9 + ["b"], 0.2, seed=0)
 
 

@@ -121,3 +121,23 @@ def test_a_job_stuck_past_its_time_limit_is_released_for_redelivery(url: str) ->
         assert r.hexists("unacked", tag)  # still kombu's to restore, not acknowledged
     finally:
         ingest.stop(timeout=1)
+
+
+def test_a_job_id_that_already_succeeded_is_acknowledged_not_run_again(url: str) -> None:
+    runtime = FlakyRuntime({})
+    ingest = make_ingest(url, runtime).start()
+    app = Celery("producer", broker=url, backend=url)
+    r = redis.Redis.from_url(url)
+    try:
+        first = send(app, "once")
+        assert state(r, first)["status"] == "SUCCESS"
+        job = {"texts": ["once"], "labels": ["a", "b"]}
+        app.send_task("conveyor.classify", args=[job], queue="conveyor.classify", task_id=first)  # the same id again
+        end = time.monotonic() + 10
+        while (r.llen("conveyor.classify") or r.hlen("unacked")) and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert runtime.calls["once"] == 1 and r.hlen("unacked") == 0
+        assert state(r, first)["status"] == "SUCCESS"
+    finally:
+        ingest.stop(timeout=5)

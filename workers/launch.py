@@ -134,7 +134,8 @@ def supervise(
             # Alive but not consuming (a wedged ingest loop): its heartbeat goes stale, and it is restarted.
             health=partial(heartbeat_fresh, heartbeat_path(settings.home, spec.node), settings.worker_stall_s)
             if inference else None,
-            health_interval_s=5.0, health_grace_s=max(60.0, settings.worker_stall_s),
+            # The grace covers start-up and the model's warm-up, before the first heartbeat.
+            health_interval_s=min(5.0, settings.worker_stall_s), health_grace_s=max(30.0, 2 * settings.worker_stall_s),
         )  # fmt: skip
         supervisor.start(child)
     parent = os.getppid()
