@@ -106,22 +106,30 @@ class Stack:
             self.children.append(spawn(ChildSpec("plain", argv, env=self.env, cwd=ROOT / "scripts", log=log)))
         self.client = Client(redis_url=url)
         try:
-            self.client.wait_for_workers(180, ["conveyor.classify"])
+            instances = int(self.env.get("CONVEYOR_INSTANCES_PER_DEVICE", "1"))
+            deadline = time.monotonic() + 180
+            while len(self.client.wait_for_workers(180, ["conveyor.classify"])) < instances:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{instances} inference workers did not all start")
+                time.sleep(0.5)
             if plain:
                 self.client.wait_for_workers(180, ["plain"])
         except BaseException:
             self.close()
             raise
 
-    def worker_process(self) -> Any:
-        """The Celery inference worker process (the supervisor's child), for CPU accounting and SIGSTOP."""
+    def worker_processes(self) -> list[Any]:
+        """The Celery inference worker processes (the supervisor's children), for CPU accounting and SIGSTOP."""
         import psutil
 
         sup = psutil.Process(self.children[0].pid)
-        for child in sup.children(recursive=True):
-            if "workers.app" in " ".join(child.cmdline()):
-                return child
-        raise RuntimeError("no inference worker process found")
+        found = [c for c in sup.children(recursive=True) if "workers.app" in " ".join(c.cmdline())]
+        if not found:
+            raise RuntimeError("no inference worker process found")
+        return found
+
+    def worker_cpu(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.worker_processes())
 
     def close(self) -> None:
         for child in self.children:
@@ -250,6 +258,7 @@ def bench_classify(args: argparse.Namespace) -> None:
 
     def raw(batch_size: int) -> Run:
         count = len(items) if batch_size > 1 else max(50, len(items) // 4)
+
         def step(s: int) -> None:
             runner.run_batch(runner.encode(items[s : min(s + batch_size, count)]))
 
@@ -319,9 +328,7 @@ def bench_classify(args: argparse.Namespace) -> None:
     )
     print(f"  1-text jobs, producers / raw   = {med['conveyor 1-text jobs, producers'] / med[best]:.2f}")
     print(f"  1-text jobs, producers / plain = {med['conveyor 1-text jobs, producers'] / med['plain celery']:.2f}")
-    print(
-        "  lone request p50 is printed above (goal <= CONVEYOR_MAX_WAIT_MS + 15 ms)"
-    )
+    print("  lone request p50 is printed above (goal <= CONVEYOR_MAX_WAIT_MS + 15 ms)")
 
 
 def run_rounds(variants: dict[str, Callable[[], Run]], rounds: int, unit: str = "items/s") -> dict[str, list[Run]]:
@@ -502,21 +509,23 @@ def bench_recommend(args: argparse.Namespace) -> None:
 def drain_run(
     stack: Stack, submit_all: Callable[[], list[Any]], get: Callable[[Any], Any] = lambda h: h.get(timeout=1200)
 ) -> tuple[Run, float, int]:
-    """A pre-filled queue: the worker is stopped (SIGSTOP) while the jobs are queued, then let go.
-    Returns the run (items/s from release to the last result), the worker's CPU seconds, and the job count."""
-    worker = stack.worker_process()
-    worker.suspend()
+    """A pre-filled queue: the workers are stopped (SIGSTOP) while the jobs are queued, then let go.
+    Returns the run (items/s from release to the last result), the workers' CPU seconds, and the job count."""
+    workers = stack.worker_processes()
+    for w in workers:
+        w.suspend()
     try:
         handles = submit_all()
     finally:
-        before = sum(worker.cpu_times()[:2])
+        before = stack.worker_cpu()
         released = time.time()
-        worker.resume()
+        for w in workers:
+            w.resume()
     end = released
     for h in handles:
         get(h)
         end = max(end, _utc(h.date_done).timestamp())
-    cpu = sum(worker.cpu_times()[:2]) - before
+    cpu = stack.worker_cpu() - before
     return Run(len(handles) / (end - released)), cpu, len(handles)
 
 
@@ -543,6 +552,10 @@ def bench_overhead(args: argparse.Namespace) -> None:
             ),
             "celery path": Stack(Path(home) / "celery", args.batch_size, plain=False, devices=args.devices,
                                  extra_env={**model_env, "CONVEYOR_INGEST": "false"}),
+            "fast path, 2 instances": Stack(
+                Path(home) / "fast2", args.batch_size, plain=False, devices=args.devices,
+                extra_env={**model_env, "CONVEYOR_INSTANCES_PER_DEVICE": "2"},
+            ),
         }  # fmt: skip
         users = [f"u{u % 200}" for u in range(args.n)]
         try:
@@ -559,14 +572,14 @@ def bench_overhead(args: argparse.Namespace) -> None:
 
                     run, cpu, n = drain_run(stack, submit_all)
                     results.setdefault(f"{name}, drain", []).append((run.items_per_s, cpu * 1000 / n))
-                    worker = stack.worker_process()
-                    before = sum(worker.cpu_times()[:2])
+                    before = stack.worker_cpu()
+
                     def one(i: int, c: Client = client) -> Any:
                         return c.submit(RecommendJob(users=[users[i]], k=5, model="tiny"))._async
 
                     sent = concurrent_submit(len(users), args.producers, one)
                     live = finish(sent, lambda h: h.get(timeout=600), lambda v: 1)
-                    cpu_live = (sum(worker.cpu_times()[:2]) - before) * 1000 / len(users)
+                    cpu_live = (stack.worker_cpu() - before) * 1000 / len(users)
                     results.setdefault(f"{name}, with producers", []).append((live.items_per_s, cpu_live))
                     for key in (f"{name}, drain", f"{name}, with producers"):
                         rate, ms = results[key][-1]
@@ -586,6 +599,8 @@ def bench_overhead(args: argparse.Namespace) -> None:
                     f"  {mode}: fast / celery path = {fast[0] / slow[0]:.1f}x jobs/s, "
                     f"{slow[1] / fast[1]:.1f}x less CPU per job"
                 )
+                single, double = med[f"fast path, {mode}"], med[f"fast path, 2 instances, {mode}"]
+                print(f"  {mode}: 2 instances / 1 = {double[0] / single[0]:.2f}x jobs/s")
             print("  goals (CPU): drain <= 0.25 ms/job; with producers well under 1 ms/job")
             del psutil
         finally:
