@@ -131,29 +131,67 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, float]:
             source, column = home / "sms.tsv", "f0"
             source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
         with stack(home, best) as client:
+            cpu = CpuMeter()
 
             def score() -> float:
                 out = home / "scored.parquet"
+                cpu.start()
                 started = time.perf_counter()
                 handle = client.score("classify", source, out, column, header=False, quoting=False, labels=LABELS,
                                       label_template=TEMPLATE, overwrite=True)  # fmt: skip
                 summary = handle.wait()
+                elapsed = time.perf_counter() - started
+                cpu.stop(len(texts))
                 assert summary.rows == len(texts) and summary.errors == 0, summary
-                return len(texts) / (time.perf_counter() - started)
+                return len(texts) / elapsed
+
+            def raw_all() -> float:
+                cpu.start()
+                rate = raw(texts, best)
+                cpu.stop(len(texts))
+                return rate
 
             results: dict[str, list[float]] = {"raw": [], "score": []}
             for r in range(args.rounds):
                 order = ["raw", "score"] if r % 2 == 0 else ["score", "raw"]
                 for name in order:
-                    rate = raw(texts, best) if name == "raw" else score()
+                    rate = raw_all() if name == "raw" else score()
                     results[name].append(rate)
-                    print(f"  round {r + 1}: {name}: {rate:.1f} rows/s", flush=True)
+                    print(f"  round {r + 1}: {name}: {rate:.1f} rows/s; CPU ms per row: {cpu.last}", flush=True)
     med = {name: statistics.median(v) for name, v in results.items()}
     ratio = med["score"] / med["raw"]
     print(f"throughput on {len(texts)} SMS rows, medians of {args.rounds} rounds: raw batch {best} "
           f"{med['raw']:.1f} rows/s, conveyor score {med['score']:.1f} rows/s, score/raw = {ratio:.2f} "
           f"(goal >= 0.9)", flush=True)  # fmt: skip
     return {"raw_rows_per_s": med["raw"], "score_rows_per_s": med["score"], "ratio": ratio}
+
+
+class CpuMeter:
+    """CPU milliseconds per row of this process (the producer, or the raw runner), and of the
+    worker and Redis (this process's children)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        self.procs = {"this process": me}
+        for child in me.children(recursive=True):
+            cmd = " ".join(child.cmdline())
+            name = "redis" if "redis" in cmd else "worker" if "celery" in cmd or "workers" in cmd else None
+            if name:
+                self.procs[f"{name} {child.pid}"] = child
+        self.last = ""
+
+    def _times(self) -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in self.procs.items()}
+
+    def start(self) -> None:
+        self._before = self._times()
+
+    def stop(self, rows: int) -> None:
+        after = self._times()
+        used = {name: (after[name] - self._before[name]) * 1000.0 / rows for name in after}
+        self.last = ", ".join(f"{name} {ms:.2f}" for name, ms in used.items() if ms >= 0.005)
 
 
 # -- interactive latency during a bulk run ----------------------------------------------------
@@ -195,9 +233,15 @@ def bench_latency(args: argparse.Namespace) -> dict[str, float]:
                       f"{percentile(busy, 0.5):.1f} ms (bulk at {rate:.0f} rows/s)", flush=True)  # fmt: skip
                 drain(client)
     p50_idle, p50_busy = percentile(idle, 0.5), percentile(busy, 0.5)
-    print(f"interactive classify latency: idle p50 {p50_idle:.1f} ms p99 {percentile(idle, 0.99):.1f} ms; during "
-          f"a bulk run p50 {p50_busy:.1f} ms p99 {percentile(busy, 0.99):.1f} ms; busy/idle p50 = "
-          f"{p50_busy / p50_idle:.2f} (goal <= 2)", flush=True)  # fmt: skip
+
+    def spread(values: list[float]) -> str:
+        return (
+            ", ".join(f"p{int(q * 100)} {percentile(values, q):.1f}" for q in (0.5, 0.9, 0.99))
+            + f", max {max(values):.1f}"
+        )
+
+    print(f"interactive classify latency (ms): idle {spread(idle)}; during a bulk run {spread(busy)}; "
+          f"busy/idle p50 = {p50_busy / p50_idle:.2f} (goal <= 2)", flush=True)  # fmt: skip
     return {"idle_p50_ms": p50_idle, "busy_p50_ms": p50_busy, "ratio": p50_busy / p50_idle}
 
 

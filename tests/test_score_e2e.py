@@ -228,6 +228,17 @@ def test_a_missing_column_or_model_or_file_fails_before_anything_is_queued(
     assert bulk_depth(client) == depth
     assert not out.exists() and not state_dir_for(out).exists()
 
+    # A store the CLI cannot see (the workers' is elsewhere): the first chunk goes alone and its
+    # ModelNotFound stops the run before a second chunk is sent.
+    many = write_csv(tmp_path / "many.csv", ["body"], [[f"text {i}"] for i in range(10)])
+    remote = cli("classify", str(many), "--column", "body", "--model", "no-such-model", "--no-model-check",
+                 "--chunk-size", "2", "--out", str(out))  # fmt: skip
+    assert remote.returncode == 1
+    assert "ModelNotFound" in remote.stderr and "no-such-model" in remote.stderr
+    journal = (state_dir_for(out) / JOURNAL).read_text().splitlines()
+    assert [json.loads(line).get("sent") for line in journal] == [0]
+    assert bulk_depth(client) == depth
+
     # From Python: the same checks raise from Client.score itself.
     with pytest.raises(ScoreAborted, match="no column 'text'"):
         client.score("classify", src, out, "text", labels=["a", "b"])
@@ -300,3 +311,56 @@ def test_changed_input_refuses_to_resume(tmp_path: Path, worker: Any, client: Cl
     assert changed.returncode == 2
     assert "changed since the interrupted run" in changed.stderr and str(state) in changed.stderr
     assert not out.exists()
+
+
+def test_recommend_scores_users_with_fallback_and_row_errors(
+    tmp_path: Path, worker: Any, client: Client, model_dir: Path
+) -> None:
+    from shared.jobs import TrainJob
+    from shared.model_store import ModelStore
+    from workers.training.recommender import train_recommender
+
+    data = tmp_path / "interactions.csv"
+    data.write_text("user,item\n" + "".join(f"u{u},i{(u * 7 + j) % 40}\n" for u in range(100) for j in range(5)))
+    job = TrainJob(interactions_path=str(data), output_name="score-tiny", model_type="als", epochs=1)
+    train_recommender(job, ModelStore(model_dir), tmp_path / "ckpt", lambda p: None, lambda: False)
+
+    users = ["u1", "u2", "", "nobody-knows-me", "u3"]
+    src = write_csv(tmp_path / "users.csv", ["user_id", "segment"], [[u, f"s{i}"] for i, u in enumerate(users)])
+    out = tmp_path / "recs.jsonl"
+    summary = client.score("recommend", src, out, "user_id", model="score-tiny", k=3, chunk_size=2).wait(120)
+    assert summary.rows == 5 and summary.errors == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["segment"] for r in rows] == [f"s{i}" for i in range(5)]
+    assert [r["error"] for r in rows] == ["", "", "user id is blank", "", ""]
+    assert [r["fallback"] for r in rows] == [False, False, None, True, False]
+    for row in (rows[0], rows[1], rows[3], rows[4]):
+        items = json.loads(row["items"])
+        assert len(items) == 3 and all(i["item"].startswith("i") for i in items)
+        assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+
+
+def test_transcribe_one_job_per_row_and_unreadable_audio_fails_its_row(
+    tmp_path: Path, worker: Any, client: Client, prepared_models: Path
+) -> None:
+    speech = SHARED_DATA / "speech"
+    if not (speech / "transcripts.tsv").is_file():
+        pytest.skip(f"no speech clips at {speech}")
+    with (speech / "transcripts.tsv").open(newline="") as f:
+        clips = sorted(csv.DictReader(f, delimiter="\t"), key=lambda r: float(r["duration_s"]))[:2]
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    paths = [str(speech / clips[0]["file"]), str(junk), str(speech / clips[1]["file"])]
+    src = tmp_path / "calls.jsonl"
+    src.write_text("".join(json.dumps({"call": i, "path": p}) + "\n" for i, p in enumerate(paths)))
+    out = tmp_path / "transcripts.parquet"
+    done = cli("transcribe", str(src), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["call"] for r in rows] == [0, 1, 2]
+    assert rows[1]["text"] is None and rows[1]["error"].startswith("InvalidJob")
+    for row, clip in zip((rows[0], rows[2]), clips):
+        assert row["error"] == ""
+        expected = set(clip["transcript"].lower().split())
+        heard = set(row["text"].lower().replace(",", " ").replace(".", " ").split())
+        assert len(expected & heard) >= 0.6 * len(expected), (row["text"], clip["transcript"])

@@ -91,6 +91,9 @@ def _bytes(value: bytes | str) -> bytes:
 
 
 def _failure(value: Any) -> tuple[str | None, str]:
+    """(error type, message) of a failed job's result: Celery's decoder rebuilds the exception."""
+    if isinstance(value, BaseException):
+        return type(value).__name__, " ".join(str(a) for a in value.args) if value.args else str(value)
     if isinstance(value, dict):
         message = value.get("exc_message", "")
         if isinstance(message, (list, tuple)):
