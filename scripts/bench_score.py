@@ -138,7 +138,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, float]:
                 cpu.start()
                 started = time.perf_counter()
                 handle = client.score("classify", source, out, column, header=False, quoting=False, labels=LABELS,
-                                      label_template=TEMPLATE, overwrite=True)  # fmt: skip
+                                      label_template=TEMPLATE, overwrite=True, in_flight=args.in_flight)  # fmt: skip
                 summary = handle.wait()
                 elapsed = time.perf_counter() - started
                 cpu.stop(len(texts))
@@ -219,7 +219,8 @@ def bench_latency(args: argparse.Namespace) -> dict[str, float]:
             for r in range(args.rounds):
                 idle += latencies(args.jobs)
                 handle = client.score("classify", source, home / f"bulk{r}.parquet", "f0", header=False,
-                                      quoting=False, labels=LABELS, label_template=TEMPLATE)  # fmt: skip
+                                      quoting=False, labels=LABELS, label_template=TEMPLATE,
+                                      in_flight=args.in_flight)  # fmt: skip
                 while handle.progress is None or handle.progress.done < 200:
                     time.sleep(0.05)
                 busy += latencies(args.jobs)
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64], help="raw batch sizes to sweep")
     parser.add_argument("--batch-size", type=int, default=32, help="CONVEYOR_MAX_BATCH_SIZE for latency and rss")
     parser.add_argument("--jobs", type=int, default=30, help="interactive jobs per latency round and state")
+    parser.add_argument("--in-flight", type=int, default=None, help="chunks in flight (default: the job type's)")
     parser.add_argument("--million", type=int, default=1_000_000, help="rows for rss")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

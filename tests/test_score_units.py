@@ -194,3 +194,23 @@ def test_parquet_input_keeps_types_in_schema(tmp_path: Path) -> None:
     reader = TableReader(path)
     assert reader.schema.field("id").type == pa.int32()
     assert [b.num_rows for b in reader.batches(["text"])] == [2]
+
+
+def test_chunks_cut_across_read_blocks_in_order(conveyor_env: dict[str, str], tmp_path: Path) -> None:
+    from producers.client import Client
+    from producers.score.run import ScoreRequest, ScoreRun
+
+    path = tmp_path / "big.csv"
+    path.write_text("text\n" + "".join(f"row {i}\n" for i in range(300_003)))
+    with Client() as client:
+        run = ScoreRun(
+            client, ClassifyKind(labels=["a", "b"]), ScoreRequest(path, tmp_path / "o.csv", "text", chunk_size=1000)
+        )
+        state = run.prepare()
+        assert state.manifest.rows == 300_003 and state.manifest.chunks == 301
+        assert len(list(run.reader.batches(["text"]))) > 1  # the chunks below span block boundaries
+        chunks = list(run._chunks())
+        state.remove()
+    assert [c for c, _ in chunks] == list(range(301))
+    assert [len(v) for _, v in chunks] == [1000] * 300 + [3]
+    assert [v for _, values in chunks for v in values] == [f"row {i}" for i in range(300_003)]

@@ -242,11 +242,15 @@ class ScoreRun:
         pending: list[Any] = []
         chunk = 0
         for batch in self.reader.batches([self.request.column]):
-            pending.extend(batch.column(0).to_pylist())
-            while len(pending) >= size:
-                yield chunk, pending[:size]
-                del pending[:size]
-                chunk += 1
+            values = batch.column(0).to_pylist()
+            at = 0
+            while at < len(values):
+                take = min(size - len(pending), len(values) - at)
+                pending.extend(values[at : at + take])
+                at += take
+                if len(pending) == size:
+                    yield chunk, pending
+                    pending, chunk = [], chunk + 1
         if pending:
             yield chunk, pending
 
