@@ -87,6 +87,18 @@ class Settings(BaseSettings):
         description="An inference worker whose ingest loop has not turned for this long (alive but not "
         "consuming) is restarted by its supervisor.",
     )
+    heartbeat_file: Path | None = Field(
+        default=None,
+        description="Set by `conveyor worker` for each inference process it starts: the file the process "
+        "touches while its ingest loop turns, which the supervisor watches.",
+    )
+    idle_poll_ms: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=1000.0,
+        description="Longest wait between two looks at the queues when a worker is idle (it looks again at "
+        "once while jobs keep coming): the most an idle worker adds to a lone job's latency.",
+    )
     prefetch_items: int = Field(
         default=0,
         ge=0,

@@ -209,3 +209,27 @@ def test_policy_rejects_nonsense() -> None:
         BatchPolicy(max_wait_s=-1)
     with pytest.raises(ValueError):
         BatchPolicy(token_budget=0)
+
+
+def test_urgent_items_overtake_waiting_bulk_items() -> None:
+    release = threading.Event()
+    seen: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        if items == ["first"]:
+            release.wait(5)  # holds the batching thread while the others queue up
+        seen.append(list(items))
+        return items
+
+    with Batcher(run, BatchPolicy(max_batch_size=2, max_wait_s=0.0)) as b:
+        first = b.submit("first")
+        time.sleep(0.1)
+        bulk = b.submit_many([f"bulk{i}" for i in range(6)], priority=-1)
+        urgent = b.submit("urgent", priority=9)
+        normal = b.submit("normal")
+        release.set()
+        for f in [first, *bulk, urgent, normal]:
+            f.result(timeout=5)
+    assert seen[0] == ["first"]
+    assert seen[1] == ["urgent", "normal"]  # both waited behind six bulk items, and went first
+    assert [x for batch in seen[2:] for x in batch] == [f"bulk{i}" for i in range(6)]  # bulk keeps its order

@@ -32,7 +32,9 @@ class FlakyRuntime:
         self.failures = dict(failures)
         self.calls: dict[str, int] = {}
 
-    def submit(self, jobs: Sequence[JobBase], done: Callable[[JobBase, Any], None]) -> None:
+    def submit(
+        self, jobs: Sequence[JobBase], done: Callable[[JobBase, Any], None], urgency: Callable[[JobBase], float]
+    ) -> None:
         for job in jobs:
             text = job.texts[0]  # type: ignore[attr-defined]
             self.calls[text] = self.calls.get(text, 0) + 1

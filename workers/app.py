@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -129,7 +130,8 @@ def _start(sender: Any = None, **_: Any) -> None:
         log.exception("worker metrics are off")
     if process.ingest_queues:
         _start_ingest(hostname)
-        threading.Thread(target=_heartbeat, args=(hostname,), name="heartbeat", daemon=True).start()
+        if settings.heartbeat_file is not None:
+            threading.Thread(target=_heartbeat, args=(settings.heartbeat_file,), name="heartbeat", daemon=True).start()
     process.leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
 
 
@@ -157,6 +159,7 @@ def _start_ingest(hostname: str) -> None:
         time_limit_s=settings.inference_time_limit_s,
         max_retries=settings.max_retries,
         retry_backoff_s=settings.retry_backoff_s,
+        idle_poll_s=settings.idle_poll_ms / 1000.0,
         revoked=worker_state.revoked,
         on_active=_on_active,
         on_outcome=_on_outcome,
@@ -165,12 +168,9 @@ def _start_ingest(hostname: str) -> None:
     log.info("bulk ingest serving %s", ", ".join(process.ingest_queues))
 
 
-def _heartbeat(hostname: str) -> None:
+def _heartbeat(path: Path) -> None:
     """Touch this worker's heartbeat file while its ingest loop turns; the supervisor restarts a
     worker whose file goes stale (alive but no longer consuming)."""
-    from workers.launch import heartbeat_path
-
-    path = heartbeat_path(settings.home, hostname)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     while process.ingest is not None:
         if time.monotonic() - process.ingest.beat < settings.worker_stall_s:

@@ -12,6 +12,7 @@ out-of-memory error) runs as smaller ones.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -76,6 +77,7 @@ class _Pending(Generic[I, O]):
 
 
 _STOP = object()
+_LAST = float("inf")  # the stop sentinel sorts after every item
 
 
 class Batcher(Generic[I, O]):
@@ -93,7 +95,9 @@ class Batcher(Generic[I, O]):
         self._sort = sort_by_cost
         self.name = name
         self.stats = BatchStats()
-        self._queue: queue.SimpleQueue[_Pending[I, O] | object] = queue.SimpleQueue()
+        # Most urgent first, then first come: (-priority, sequence, pending).
+        self._queue: queue.PriorityQueue[tuple[float, int, object]] = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._carry: _Pending[I, O] | None = None  # an item that did not fit the last batch's budget
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -113,7 +117,7 @@ class Batcher(Generic[I, O]):
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(_STOP)
+            self._queue.put((_LAST, next(self._seq), _STOP))
             thread.join(timeout)
 
     def __enter__(self) -> Batcher[I, O]:
@@ -123,18 +127,20 @@ class Batcher(Generic[I, O]):
         self.stop()
 
     # -- producer side ---------------------------------------------------------------
-    def submit(self, item: I) -> Future[Batched[O]]:
+    def submit(self, item: I, priority: float = 0) -> Future[Batched[O]]:
+        """Queue one item; among waiting items a higher ``priority`` goes into a batch first
+        (bulk work below interactive, Conveyor's job priorities above that)."""
         future: Future[Batched[O]] = Future()
         try:
             cost = max(1, int(self._cost(item)))
         except Exception as exc:  # a cost function that chokes on an item fails that item only
             future.set_exception(exc)
             return future
-        self._queue.put(_Pending(item, cost, future))
+        self._queue.put((-priority, next(self._seq), _Pending(item, cost, future)))
         return future
 
-    def submit_many(self, items: Sequence[I]) -> list[Future[Batched[O]]]:
-        return [self.submit(item) for item in items]
+    def submit_many(self, items: Sequence[I], priority: float = 0) -> list[Future[Batched[O]]]:
+        return [self.submit(item, priority) for item in items]
 
     # -- the batching thread -----------------------------------------------------------
     def _loop(self) -> None:
@@ -151,10 +157,10 @@ class Batcher(Generic[I, O]):
             return carried
         try:
             if timeout is None:
-                return self._queue.get()
+                return self._queue.get()[2]
             if timeout <= 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
+                return self._queue.get_nowait()[2]
+            return self._queue.get(timeout=timeout)[2]
         except queue.Empty:
             return None
 
@@ -176,7 +182,7 @@ class Batcher(Generic[I, O]):
             if nxt is None:
                 break
             if nxt is _STOP:
-                self._queue.put(_STOP)  # stop after this batch
+                self._queue.put((_LAST, next(self._seq), _STOP))  # stop after this batch
                 break
             assert isinstance(nxt, _Pending)
             if budget is not None and batch and (len(batch) + 1) * max(max_cost, nxt.cost) > budget:

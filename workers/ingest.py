@@ -44,6 +44,7 @@ from workers.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
+_IDLE_FIRST_S = 0.0005
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
 
@@ -51,8 +52,8 @@ JOB_MODELS: dict[str, type[JobBase]] = {"classify": ClassifyJob, "transcribe": T
 TASK_TYPES: dict[str, str] = {TASKS[t]: t for t in JOB_MODELS}
 
 # KEYS: unacked, unacked_index, dead-letter hash, dead-letter order, then the lists in the
-# order they are served. ARGV: max messages, now, then one queue name per list, then
-# optionally a message already popped (by BRPOP) and the index of its list.
+# order they are served (interactive, then bulk). ARGV: max messages, now, how many of the
+# lists are interactive, then one queue name per list.
 # Returns tag, message pairs; a tag of "" means the message was dead-lettered (then the
 # second element is the dead letter's id).
 POP_SCRIPT = r"""
@@ -94,14 +95,23 @@ local function take(m, qname)
   table.insert(out, tag)
   table.insert(out, m)
 end
-local given = ARGV[3 + nlists]
-if given then take(given, ARGV[2 + tonumber(ARGV[4 + nlists])]) end
-for i = 1, nlists do
+local interactive = tonumber(ARGV[3])
+for i = 1, interactive do
   local want = n - #out / 2
   if want <= 0 then break end
   local got = redis.call('RPOP', KEYS[4 + i], want)
   if got then
-    for _, m in ipairs(got) do take(m, ARGV[2 + i]) end
+    for _, m in ipairs(got) do take(m, ARGV[3 + i]) end
+  end
+end
+-- A bulk message carries many rows: one at a time, and only when no interactive job waits.
+if #out == 0 then
+  for i = interactive + 1, nlists do
+    local m = redis.call('RPOP', KEYS[4 + i])
+    if m then
+      take(m, ARGV[3 + i])
+      break
+    end
   end
 end
 return out
@@ -194,6 +204,7 @@ class Ingest:
         time_limit_s: float,
         max_retries: int,
         retry_backoff_s: float,
+        idle_poll_s: float = 0.005,
         revoked: Container[str] = frozenset(),
         on_active: Callable[[InFlight, bool], None] | None = None,
         on_outcome: Callable[[InFlight | None, Outcome], None] | None = None,
@@ -207,11 +218,14 @@ class Ingest:
         self.time_limit_s = time_limit_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        self.idle_poll_s = max(_IDLE_FIRST_S, idle_poll_s)
         self.revoked = revoked
         self.on_active = on_active
         self.on_outcome = on_outcome
         self.on_retry = on_retry
         lists = served_lists(queues, bulk_queues)
+        self._interactive = len(queues) * len(CELERY_PRIORITIES)
+        self._bulk_queues = frozenset(bulk_queues)
         self._list_keys = [key for key, _ in lists]
         self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, *self._list_keys]
         self._queue_args = [queue for _, queue in lists]
@@ -274,8 +288,12 @@ class Ingest:
 
     # -- the pull loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
+        # Redis has no blocking pop across many lists that leaves the message safe until it is
+        # filed as unacked (a worker frozen inside BRPOP would take one message with it), so an
+        # idle worker polls: the Lua call is cheap, and the wait grows from 0.5 ms to
+        # CONVEYOR_IDLE_POLL_MS while nothing comes.
         backoff = 0.1
-        given: tuple[bytes | str, int] | None = None  # a message BRPOP returned, not yet registered
+        idle = _IDLE_FIRST_S
         while not self._stop.is_set():
             self.beat = time.monotonic()
             try:
@@ -283,22 +301,18 @@ class Ingest:
                 room = self._wait_for_room()
                 if room <= 0:
                     continue
-                pairs = self._pop_messages(room, given)
-                given = None
-                if not pairs:
-                    got = self.client.brpop(self._list_keys, timeout=1)
-                    if not got:
-                        continue
-                    key = got[0].decode() if isinstance(got[0], bytes) else got[0]
-                    given = (got[1], self._list_keys.index(key))
-                    pairs = self._pop_messages(room, given)
-                    given = None
+                pairs = self._pop_messages(room)
                 backoff = 0.1
-            except redis.RedisError as exc:  # Redis away: wait, reconnect, go on; `given` is kept
+            except redis.RedisError as exc:  # Redis away: wait, reconnect, go on
                 log.warning("ingest: Redis error (%s); retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            if not pairs:
+                self._stop.wait(idle)
+                idle = min(idle * 2, self.idle_poll_s)
+                continue
+            idle = _IDLE_FIRST_S
             try:
                 self._dispatch(pairs)
             except Exception:  # never let one bulk stop the loop; its jobs stay unacked and come back
@@ -311,11 +325,8 @@ class Ingest:
                 self.beat = time.monotonic()  # waiting for the batches to make room is alive
             return self.prefetch_items - self._items if not self._stop.is_set() else 0
 
-    def _pop_messages(self, room: int, given: tuple[bytes | str, int] | None) -> list[tuple[str, str]]:
-        args: list[Any] = [room, time.time(), *self._queue_args]
-        if given is not None:
-            args += [given[0], given[1] + 1]
-        raw = self._pop(keys=self._keys, args=args)
+    def _pop_messages(self, room: int) -> list[tuple[str, str]]:
+        raw = self._pop(keys=self._keys, args=[room, time.time(), self._interactive, *self._queue_args])
         pairs = []
         for i in range(0, len(raw), 2):
             tag, msg = raw[i], raw[i + 1]
@@ -357,7 +368,14 @@ class Ingest:
                 self.events.received(env.id, env.task, env.args, env.kwargs, env.retries, received)
             jobs.append(entry.job)
         if jobs:
-            self.runtime.submit(jobs, self._done)
+            self.runtime.submit(jobs, self._done, self._urgency)
+
+    def _urgency(self, job: JobBase) -> float:
+        """Bulk rows wait behind every interactive item in the batchers, not only in Redis."""
+        entry = self._inflight.get(id(job))
+        if entry is not None and entry.env.queue in self._bulk_queues:
+            return -1.0
+        return float(job.priority)
 
     def _lookups(self, ids: list[str]) -> tuple[set[str], set[str]]:
         """Jobs already finished (a redelivered duplicate) and jobs cancelled: one round trip."""
@@ -439,7 +457,7 @@ class Ingest:
             while self._retries and self._retries[0][0] <= now:
                 due.append(heapq.heappop(self._retries)[2])
         if due:
-            self.runtime.submit([e.job for e in due], self._done)
+            self.runtime.submit([e.job for e in due], self._done, self._urgency)
 
     def _written(self, batch: list[Outcome]) -> None:
         freed = 0

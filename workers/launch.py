@@ -105,8 +105,9 @@ STOP_TIMEOUT_S = 6.0
 
 
 def heartbeat_path(home: Path, node: str) -> Path:
-    """Where an inference worker records that its ingest loop turns (``workers.app``)."""
-    return home / "run" / f"{node}.alive"
+    """Where an inference worker records that its ingest loop turns (``workers.app``): one file
+    per node and supervisor, so two supervisors on one host never read each other's."""
+    return home / "run" / f"{node}.{os.getpid()}.alive"
 
 
 def heartbeat_fresh(path: Path, max_age_s: float, _child: object = None) -> bool:
@@ -128,12 +129,13 @@ def supervise(
         log.info("starting %s on %s for %s", spec.node, spec.device, ",".join(spec.queues))
         # In our process group: a SIGKILL to the group (as the tests' hard kill does) takes the workers too.
         inference = TRAINING_QUEUE not in spec.queues
+        beat = heartbeat_path(settings.home, spec.node)
+        env = spec.env() | ({"CONVEYOR_HEARTBEAT_FILE": str(beat)} if inference else {})
         child = ChildSpec(
-            spec.node, spec.command(loglevel), env=spec.env(), restart=True, stop_timeout=STOP_TIMEOUT_S,
+            spec.node, spec.command(loglevel), env=env, restart=True, stop_timeout=STOP_TIMEOUT_S,
             new_session=False,
             # Alive but not consuming (a wedged ingest loop): its heartbeat goes stale, and it is restarted.
-            health=partial(heartbeat_fresh, heartbeat_path(settings.home, spec.node), settings.worker_stall_s)
-            if inference else None,
+            health=partial(heartbeat_fresh, beat, settings.worker_stall_s) if inference else None,
             # The grace covers start-up and the model's warm-up, before the first heartbeat.
             health_interval_s=min(5.0, settings.worker_stall_s), health_grace_s=max(30.0, 2 * settings.worker_stall_s),
         )  # fmt: skip

@@ -115,11 +115,13 @@ class Runtime:
         self._slow.shutdown(wait=False, cancel_futures=True)
 
     # -- the path of a job -----------------------------------------------------------------
-    def submit(self, jobs: Sequence[JobBase], done: Done) -> None:
+    def submit(self, jobs: Sequence[JobBase], done: Done, urgency: Callable[[JobBase], float] | None = None) -> None:
         """Start ``jobs`` (of any inference types); ``done`` is called once per job, from a
-        batcher thread or this one, with its result body or the error that failed it."""
+        batcher thread or this one, with its result body or the error that failed it.
+        ``urgency`` orders items waiting in a batcher (default: the job's priority)."""
         picked_at = datetime.now(UTC)
         started = time.monotonic()
+        rank = urgency or _job_priority
         by_type: dict[str, list[JobBase]] = {}
         for job in jobs:
             try:
@@ -138,11 +140,19 @@ class Runtime:
                 continue
             if kind.slow_prepare:
                 for job in group:  # one job per task: a slow file does not hold up the others
-                    self._slow.submit(self._start, kind, [job], done, picked_at, started)
+                    self._slow.submit(self._start, kind, [job], done, picked_at, started, rank)
             else:
-                self._start(kind, group, done, picked_at, started)
+                self._start(kind, group, done, picked_at, started, rank)
 
-    def _start(self, kind: JobKind, jobs: list[JobBase], done: Done, picked_at: datetime, started: float) -> None:
+    def _start(
+        self,
+        kind: JobKind,
+        jobs: list[JobBase],
+        done: Done,
+        picked_at: datetime,
+        started: float,
+        rank: Callable[[JobBase], float],
+    ) -> None:
         try:
             prepared = kind.prepare(jobs)
         except Exception as exc:
@@ -153,7 +163,7 @@ class Runtime:
                 done(job, prep)
                 continue
             gather = _Gather(self, kind, job, prep, done, picked_at, started)
-            gather.attach(batcher.submit_many(prep.items))
+            gather.attach(batcher.submit_many(prep.items, rank(job)))
 
     def run(self, job: JobBase, timeout: float | None = None) -> dict[str, Any]:
         """One job, waiting for its result (Celery's per-task path uses this)."""
@@ -230,6 +240,10 @@ class _Gather:
         except Exception as err:  # a result that cannot be assembled fails this job alone
             out = err
         self.done(self.job, out)
+
+
+def _job_priority(job: JobBase) -> float:
+    return float(job.priority)
 
 
 def check_deadline(job: JobBase) -> None:
