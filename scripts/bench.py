@@ -14,8 +14,12 @@ Conveyor.
 recommend: users/s for (1) raw in-process top-k at each batch size, (2) Conveyor with
 many concurrent jobs (1 user per job, and many users per job); training samples/s per epoch.
 
-overhead: Celery's own cost per job (1-user recommend jobs on a tiny model): jobs/s and CPU
-milliseconds per job of the producer, Redis and the worker.
+overhead: the path's own cost per job (1-user recommend jobs on a tiny model): worker CPU
+milliseconds per job and jobs/s, the fast path against Celery's per-task path
+(CONVEYOR_INGEST=false) and two worker instances, draining a pre-filled queue and with
+producers beside it.
+
+score: bulk scoring (scripts/bench_score.py: throughput, latency, rss).
 """
 
 from __future__ import annotations
@@ -609,8 +613,12 @@ def bench_overhead(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["score"]:  # bulk scoring has its own benchmark: scripts/bench_score.py
+        from bench_score import main as bench_score
+
+        sys.exit(bench_score(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["classify", "transcribe", "recommend", "overhead"])
+    parser.add_argument("kind", choices=["classify", "transcribe", "recommend", "overhead", "score"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=400, help="items per variant per round")
     parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")
