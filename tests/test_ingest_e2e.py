@@ -255,3 +255,26 @@ def test_flower_shows_fast_path_jobs_with_their_state_and_result(
         flower.terminate()
         flower.wait(30)
         log.close()
+
+
+def test_interactive_jobs_overtake_a_bulk_backlog(env: dict[str, str], sdk: Client, tmp_path: Path) -> None:
+    r = redis.Redis.from_url(env["CONVEYOR_REDIS_URL"])
+    worker = start_worker(env, tmp_path / "worker.log", sdk)
+    try:
+        bulk = [ClassifyJob(texts=[TOPICAL[n % 6][0]] * 64, labels=LABELS) for n in range(8)]
+        sdk.submit_many(bulk, queue="conveyor.bulk.classify")
+        end = time.monotonic() + 60
+        while r.hlen("unacked") == 0:  # the bulk run has started
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        urgent = [ClassifyJob(texts=[TOPICAL[n % 6][0]], labels=LABELS) for n in range(3)]
+        sdk.submit_many(urgent)
+        results = wait_for(r, [j.id for j in bulk + urgent], timeout=600)
+        done = {i: datetime.fromisoformat(results[i]["date_done"]) for i in results}
+        last_urgent = max(done[j.id] for j in urgent)
+        bulk_before = sum(1 for j in bulk if done[j.id] <= last_urgent)
+        # Ahead of them: at most the two bulk chunks the worker already held (one running, one ready).
+        assert bulk_before <= 2, f"{bulk_before} bulk chunks finished before the interactive jobs"
+        assert all(results[j.id]["status"] == "SUCCESS" for j in bulk + urgent)
+    finally:
+        worker.stop()

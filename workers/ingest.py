@@ -45,6 +45,8 @@ from workers.task_events import TaskEvents
 log = logging.getLogger(__name__)
 
 _IDLE_FIRST_S = 0.0005
+# Bulk messages held at once: two, so the next chunk is tokenized and queued while one runs.
+BULK_IN_FLIGHT = 2
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
 
@@ -52,8 +54,8 @@ JOB_MODELS: dict[str, type[JobBase]] = {"classify": ClassifyJob, "transcribe": T
 TASK_TYPES: dict[str, str] = {TASKS[t]: t for t in JOB_MODELS}
 
 # KEYS: unacked, unacked_index, dead-letter hash, dead-letter order, then the lists in the
-# order they are served (interactive, then bulk). ARGV: max messages, now, how many of the
-# lists are interactive, then one queue name per list.
+# order they are served (interactive, then bulk). ARGV: most interactive messages, now, how
+# many of the lists are interactive, most bulk messages, then one queue name per list.
 # Returns tag, message pairs; a tag of "" means the message was dead-lettered (then the
 # second element is the dead letter's id).
 POP_SCRIPT = r"""
@@ -96,21 +98,32 @@ local function take(m, qname)
   table.insert(out, m)
 end
 local interactive = tonumber(ARGV[3])
+local nbulk = tonumber(ARGV[4])
 for i = 1, interactive do
   local want = n - #out / 2
   if want <= 0 then break end
   local got = redis.call('RPOP', KEYS[4 + i], want)
   if got then
-    for _, m in ipairs(got) do take(m, ARGV[3 + i]) end
+    for _, m in ipairs(got) do take(m, ARGV[4 + i]) end
   end
 end
--- A bulk message carries many rows: one at a time, and only when no interactive job waits.
-if #out == 0 then
-  for i = interactive + 1, nlists do
-    local m = redis.call('RPOP', KEYS[4 + i])
-    if m then
-      take(m, ARGV[3 + i])
-      break
+-- Bulk messages (many rows each) only when no interactive job waits.
+if nbulk > 0 and #out == 0 then
+  local waiting = false
+  if n <= 0 then
+    for i = 1, interactive do
+      if redis.call('EXISTS', KEYS[4 + i]) == 1 then waiting = true break end
+    end
+  end
+  if not waiting then
+    for i = interactive + 1, nlists do
+      while nbulk > 0 do
+        local m = redis.call('RPOP', KEYS[4 + i])
+        if not m then break end
+        take(m, ARGV[4 + i])
+        nbulk = nbulk - 1
+      end
+      if nbulk <= 0 then break end
     end
   end
 end
@@ -165,10 +178,10 @@ def item_count(job: JobBase) -> int:
 class InFlight:
     """One job the worker holds; also what ``celery inspect active`` lists for it."""
 
-    __slots__ = ("env", "job_type", "job", "items", "received", "started", "attempts", "__weakref__")
+    __slots__ = ("env", "job_type", "job", "items", "received", "started", "attempts", "bulk", "__weakref__")
 
-    def __init__(self, env: Envelope, job_type: str, job: JobBase, received: float) -> None:
-        self.env, self.job_type, self.job = env, job_type, job
+    def __init__(self, env: Envelope, job_type: str, job: JobBase, received: float, bulk: bool = False) -> None:
+        self.env, self.job_type, self.job, self.bulk = env, job_type, job, bulk
         self.items = item_count(job)
         self.received = received
         self.started = time.monotonic()
@@ -232,7 +245,8 @@ class Ingest:
         self._pop = client.register_script(POP_SCRIPT)
         self.writer = ResultWriter(writer_client, hostname, result_ttl_s, events, self._written)
         self._inflight: dict[int, InFlight] = {}  # id(job) -> entry
-        self._items = 0  # items of the jobs held, until their results are written
+        self._items = 0  # items of the interactive jobs held, until their results are written
+        self._bulk = 0  # bulk messages held: at most BULK_IN_FLIGHT, so one is ready when one ends
         self._room = threading.Condition()
         self._retries: list[tuple[float, int, InFlight]] = []  # (due, seq, entry), a heap
         self._seq = 0
@@ -274,7 +288,7 @@ class Ingest:
                     "job %s ran past the %.0fs time limit; releasing it for redelivery", entry.id, self.time_limit_s
                 )
                 if self._inflight.pop(key, None) is not None:
-                    self._release(entry.items)
+                    self._release([entry])
                     if self.on_active is not None:
                         self.on_active(entry, False)
                 continue
@@ -298,10 +312,10 @@ class Ingest:
             self.beat = time.monotonic()
             try:
                 self._due_retries()
-                room = self._wait_for_room()
-                if room <= 0:
+                room, bulk_room = self._wait_for_room()
+                if room <= 0 and bulk_room <= 0:
                     continue
-                pairs = self._pop_messages(room)
+                pairs = self._pop_messages(room, bulk_room)
                 backoff = 0.1
             except redis.RedisError as exc:  # Redis away: wait, reconnect, go on
                 log.warning("ingest: Redis error (%s); retrying in %.1fs", exc, backoff)
@@ -318,15 +332,24 @@ class Ingest:
             except Exception:  # never let one bulk stop the loop; its jobs stay unacked and come back
                 log.exception("ingest: dispatch failed")
 
-    def _wait_for_room(self) -> int:
+    def _wait_for_room(self) -> tuple[int, int]:
         with self._room:
-            while self._items >= self.prefetch_items and not self._stop.is_set():
+            while self._items >= self.prefetch_items and self._bulk >= BULK_IN_FLIGHT and not self._stop.is_set():
                 self._room.wait(0.5)
                 self.beat = time.monotonic()  # waiting for the batches to make room is alive
-            return self.prefetch_items - self._items if not self._stop.is_set() else 0
+            if self._stop.is_set():
+                return 0, 0
+            return self.prefetch_items - self._items, BULK_IN_FLIGHT - self._bulk
 
-    def _pop_messages(self, room: int) -> list[tuple[str, str]]:
-        raw = self._pop(keys=self._keys, args=[room, time.time(), self._interactive, *self._queue_args])
+    def _pop_messages(self, room: int, bulk_room: int) -> list[tuple[str, str]]:
+        args: list[str | int | float] = [
+            max(0, room),
+            time.time(),
+            self._interactive,
+            max(0, bulk_room),
+            *self._queue_args,
+        ]
+        raw = self._pop(keys=self._keys, args=args)
         pairs = []
         for i in range(0, len(raw), 2):
             tag, msg = raw[i], raw[i + 1]
@@ -361,7 +384,7 @@ class Ingest:
             if entry is None:
                 continue
             self._inflight[id(entry.job)] = entry
-            self._hold(entry.items)
+            self._hold(entry)
             if self.on_active is not None:
                 self.on_active(entry, True)
             if env.id is not None and env.task is not None:
@@ -373,7 +396,7 @@ class Ingest:
     def _urgency(self, job: JobBase) -> float:
         """Bulk rows wait behind every interactive item in the batchers, not only in Redis."""
         entry = self._inflight.get(id(job))
-        if entry is not None and entry.env.queue in self._bulk_queues:
+        if entry is not None and entry.bulk:
             return -1.0
         return float(job.priority)
 
@@ -404,7 +427,7 @@ class Ingest:
         if env.expires is not None and _passed(env.expires):
             raise JobExpired(f"job {env.id} expired at {env.expires} before it ran")
         job = validate_job(JOB_MODELS[job_type], job_data(env.args, env.kwargs), env.id)
-        return InFlight(env, job_type, job, received)
+        return InFlight(env, job_type, job, received, bulk=env.queue in self._bulk_queues)
 
     def _finish_early(self, env: Envelope, exc: ConveyorError) -> None:
         dead = str(exc) if isinstance(exc, _Refused) else None
@@ -460,25 +483,32 @@ class Ingest:
             self.runtime.submit([e.job for e in due], self._done, self._urgency)
 
     def _written(self, batch: list[Outcome]) -> None:
-        freed = 0
+        freed = []
         for outcome in batch:
             if not outcome.key:
                 continue
             entry = self._inflight.pop(outcome.key, None)
             if entry is not None:
-                freed += entry.items
+                freed.append(entry)
                 if self.on_active is not None:
                     self.on_active(entry, False)
         if freed:
             self._release(freed)
 
-    def _hold(self, items: int) -> None:
+    def _hold(self, entry: InFlight) -> None:
         with self._room:
-            self._items += items
+            if entry.bulk:
+                self._bulk += 1
+            else:
+                self._items += entry.items
 
-    def _release(self, items: int) -> None:
+    def _release(self, entries: list[InFlight]) -> None:
         with self._room:
-            self._items = max(0, self._items - items)
+            for entry in entries:
+                if entry.bulk:
+                    self._bulk = max(0, self._bulk - 1)
+                else:
+                    self._items = max(0, self._items - entry.items)
             self._room.notify_all()
 
     # -- shutdown ---------------------------------------------------------------------------------------
