@@ -143,3 +143,28 @@ def test_a_job_id_that_already_succeeded_is_acknowledged_not_run_again(url: str)
         assert state(r, first)["status"] == "SUCCESS"
     finally:
         ingest.stop(timeout=5)
+
+
+def test_the_pop_script_serves_priorities_then_bulk_and_files_every_message(url: str) -> None:
+    from workers.ingest import pop_script, served_lists
+
+    r = redis.Redis.from_url(url)
+    lists = served_lists(["conveyor.classify", "conveyor.recommend"], ["conveyor.bulk.classify"])
+    pop = r.register_script(pop_script(lists))
+    keys = ["unacked", "unacked_index", DEAD_LETTER_KEY, "conveyor:dlq:order"]
+    for pri in reversed(range(10)):  # every Celery priority list, least urgent pushed first
+        for queue in ("conveyor.classify", "conveyor.recommend"):
+            key = queue if pri == 0 else f"{queue}\x06\x16{pri}"
+            r.lpush(key, json.dumps({"properties": {"delivery_tag": f"{queue}-{pri}"}}))
+    r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-1"}}))
+    r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-2"}}))
+    out = pop(keys=keys, args=[6, 1.0, 20, 2])
+    assert out[::2] == [b"conveyor.classify-0", b"conveyor.recommend-0", b"conveyor.classify-1",
+                        b"conveyor.recommend-1", b"conveyor.classify-2", b"conveyor.recommend-2"]  # fmt: skip
+    out = pop(keys=keys, args=[0, 1.0, 20, 2])  # interactive room full: no bulk while interactive jobs wait
+    assert out == []
+    out = pop(keys=keys, args=[100, 1.0, 20, 2])
+    assert len(out) // 2 == 14 and b"bulk-1" not in out  # the interactive rest first, bulk not with them
+    out = pop(keys=keys, args=[100, 1.0, 20, 1])
+    assert out[::2] == [b"bulk-1"]  # then bulk, one message at a time as the room allows
+    assert r.hlen("unacked") == 21 and r.zcard("unacked_index") == 21

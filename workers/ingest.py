@@ -45,6 +45,8 @@ from workers.task_events import TaskEvents
 log = logging.getLogger(__name__)
 
 _IDLE_FIRST_S = 0.0005
+_COALESCE_BELOW = 16
+_COALESCE_S = 0.001
 # Bulk messages held at once: two, so the next chunk is tokenized and queued while one runs.
 BULK_IN_FLIGHT = 2
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
@@ -53,15 +55,19 @@ CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
 JOB_MODELS: dict[str, type[JobBase]] = {"classify": ClassifyJob, "transcribe": TranscribeJob, "recommend": RecommendJob}
 TASK_TYPES: dict[str, str] = {TASKS[t]: t for t in JOB_MODELS}
 
-# KEYS: unacked, unacked_index, dead-letter hash, dead-letter order, then the lists in the
-# order they are served (interactive, then bulk). ARGV: most interactive messages, now, how
-# many of the lists are interactive, most bulk messages, then one queue name per list.
+# KEYS: unacked, unacked_index, dead-letter hash, dead-letter order. The lists, in the order
+# they are served (interactive, then bulk), and their queues are written into the script
+# (``pop_script``): packing 60 key names into every call cost more than the pop itself.
+# ARGV: most interactive messages, now, how many of the lists are interactive, most bulk
+# messages.
 # Returns tag, message pairs; a tag of "" means the message was dead-lettered (then the
 # second element is the dead letter's id).
 POP_SCRIPT = r"""
 local n = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
-local nlists = #KEYS - 4
+local LISTS = {--LISTS--}
+local QUEUES = {--QUEUES--}
+local nlists = #LISTS
 local out = {}
 local function take(m, qname)
   local ok, msg = pcall(cjson.decode, m)
@@ -102,9 +108,9 @@ local nbulk = tonumber(ARGV[4])
 for i = 1, interactive do
   local want = n - #out / 2
   if want <= 0 then break end
-  local got = redis.call('RPOP', KEYS[4 + i], want)
+  local got = redis.call('RPOP', LISTS[i], want)
   if got then
-    for _, m in ipairs(got) do take(m, ARGV[4 + i]) end
+    for _, m in ipairs(got) do take(m, QUEUES[i]) end
   end
 end
 -- Bulk messages (many rows each) only when no interactive job waits.
@@ -112,15 +118,15 @@ if nbulk > 0 and #out == 0 then
   local waiting = false
   if n <= 0 then
     for i = 1, interactive do
-      if redis.call('EXISTS', KEYS[4 + i]) == 1 then waiting = true break end
+      if redis.call('EXISTS', LISTS[i]) == 1 then waiting = true break end
     end
   end
   if not waiting then
     for i = interactive + 1, nlists do
       while nbulk > 0 do
-        local m = redis.call('RPOP', KEYS[4 + i])
+        local m = redis.call('RPOP', LISTS[i])
         if not m then break end
-        take(m, ARGV[4 + i])
+        take(m, QUEUES[i])
         nbulk = nbulk - 1
       end
       if nbulk <= 0 then break end
@@ -129,6 +135,17 @@ if nbulk > 0 and #out == 0 then
 end
 return out
 """
+
+
+def _lua_string(value: str) -> str:
+    return '"' + "".join(chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in value.encode()) + '"'
+
+
+def pop_script(lists: Sequence[tuple[str, str]]) -> str:
+    """The pop script for these (list key, queue) pairs, served in this order."""
+    return POP_SCRIPT.replace("--LISTS--", ", ".join(_lua_string(key) for key, _ in lists)).replace(
+        "--QUEUES--", ", ".join(_lua_string(queue) for _, queue in lists)
+    )
 
 
 def served_lists(queues: Sequence[str], bulk: Sequence[str]) -> list[tuple[str, str]]:
@@ -239,10 +256,8 @@ class Ingest:
         lists = served_lists(queues, bulk_queues)
         self._interactive = len(queues) * len(CELERY_PRIORITIES)
         self._bulk_queues = frozenset(bulk_queues)
-        self._list_keys = [key for key, _ in lists]
-        self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, *self._list_keys]
-        self._queue_args = [queue for _, queue in lists]
-        self._pop = client.register_script(POP_SCRIPT)
+        self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY]
+        self._pop = client.register_script(pop_script(lists))
         self.writer = ResultWriter(writer_client, hostname, result_ttl_s, events, self._written)
         self._inflight: dict[int, InFlight] = {}  # id(job) -> entry
         self._items = 0  # items of the interactive jobs held, until their results are written
@@ -331,6 +346,9 @@ class Ingest:
                 self._dispatch(pairs)
             except Exception:  # never let one bulk stop the loop; its jobs stay unacked and come back
                 log.exception("ingest: dispatch failed")
+            if len(pairs) < min(room, _COALESCE_BELOW):
+                # Jobs trickling in: let a few gather for 1 ms rather than pay a pop for each one.
+                self._stop.wait(_COALESCE_S)
 
     def _wait_for_room(self) -> tuple[int, int]:
         with self._room:
@@ -342,13 +360,7 @@ class Ingest:
             return self.prefetch_items - self._items, BULK_IN_FLIGHT - self._bulk
 
     def _pop_messages(self, room: int, bulk_room: int) -> list[tuple[str, str]]:
-        args: list[str | int | float] = [
-            max(0, room),
-            time.time(),
-            self._interactive,
-            max(0, bulk_room),
-            *self._queue_args,
-        ]
+        args: list[str | int | float] = [max(0, room), time.time(), self._interactive, max(0, bulk_room)]
         raw = self._pop(keys=self._keys, args=args)
         pairs = []
         for i in range(0, len(raw), 2):

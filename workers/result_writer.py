@@ -34,6 +34,11 @@ RESULT_KEY_PREFIX = "celery-task-meta-"
 UNACKED_KEY = "unacked"  # kombu's default key names
 UNACKED_INDEX_KEY = "unacked_index"
 
+# A write of fewer results than this waits COALESCE_S for more: per-write costs (a MULTI,
+# an event message) dominate when results trickle in one by one.
+COALESCE_BELOW = 16
+COALESCE_S = 0.001
+
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -96,6 +101,8 @@ class ResultWriter:
             if not batch:
                 self._wake.wait(0.5)
                 self._wake.clear()
+                if 0 < len(self._queue) < COALESCE_BELOW and not self._stop.is_set():
+                    time.sleep(COALESCE_S)  # a few more results share the round trip, for 1 ms
                 while self._queue and len(batch) < 1024:
                     batch.append(self._queue.popleft())
             if batch:
