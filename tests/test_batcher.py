@@ -233,3 +233,26 @@ def test_urgent_items_overtake_waiting_bulk_items() -> None:
     assert seen[0] == ["first"]
     assert seen[1] == ["urgent", "normal"]  # both waited behind six bulk items, and went first
     assert [x for batch in seen[2:] for x in batch] == [f"bulk{i}" for i in range(6)]  # bulk keeps its order
+
+
+def test_background_items_never_ride_in_an_urgent_batch() -> None:
+    release = threading.Event()
+    seen: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        if items == ["first"]:
+            release.wait(5)
+        seen.append(list(items))
+        return items
+
+    with Batcher(run, BatchPolicy(max_batch_size=4, max_wait_s=0.0)) as b:
+        first = b.submit("first", priority=-1)
+        time.sleep(0.1)
+        bulk = b.submit_many([f"bulk{i}" for i in range(5)], priority=-1)
+        urgent = b.submit("urgent", priority=0)
+        release.set()
+        for f in [first, *bulk, urgent]:
+            f.result(timeout=5)
+    # The urgent item runs alone, next (no bulk items beside it, though four would fit).
+    assert seen[1] == ["urgent"]
+    assert seen[2:] == [["bulk0", "bulk1", "bulk2", "bulk3"], ["bulk4"]]

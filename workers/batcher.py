@@ -74,6 +74,7 @@ class _Pending(Generic[I, O]):
     item: I
     cost: int
     future: Future[Batched[O]]
+    priority: float = 0
 
 
 _STOP = object()
@@ -129,14 +130,15 @@ class Batcher(Generic[I, O]):
     # -- producer side ---------------------------------------------------------------
     def submit(self, item: I, priority: float = 0) -> Future[Batched[O]]:
         """Queue one item; among waiting items a higher ``priority`` goes into a batch first
-        (bulk work below interactive, Conveyor's job priorities above that)."""
+        (Conveyor's job priorities, 0-9). Items below 0 are background work (bulk scoring): they
+        fill batches of their own, never one that an item of priority 0 or more leads."""
         future: Future[Batched[O]] = Future()
         try:
             cost = max(1, int(self._cost(item)))
         except Exception as exc:  # a cost function that chokes on an item fails that item only
             future.set_exception(exc)
             return future
-        self._queue.put((-priority, next(self._seq), _Pending(item, cost, future)))
+        self._queue.put((-priority, next(self._seq), _Pending(item, cost, future, priority)))
         return future
 
     def submit_many(self, items: Sequence[I], priority: float = 0) -> list[Future[Batched[O]]]:
@@ -187,6 +189,11 @@ class Batcher(Generic[I, O]):
             assert isinstance(nxt, _Pending)
             if budget is not None and batch and (len(batch) + 1) * max(max_cost, nxt.cost) > budget:
                 self._carry = nxt  # it leads the next batch
+                break
+            if first.priority >= 0 > nxt.priority:
+                # Background items (priority < 0, bulk scoring) never ride with urgent ones: the
+                # urgent batch runs at once and small, not at the pace of a full bulk batch.
+                self._carry = nxt
                 break
             if not nxt.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued

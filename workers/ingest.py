@@ -138,7 +138,10 @@ return out
 
 
 def _lua_string(value: str) -> str:
-    return '"' + "".join(chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in value.encode()) + '"'
+    # Lua decimal escapes, always three digits ("\\0063" would read as 63, not 6 then "3").
+    return (
+        '"' + "".join(chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in value.encode()) + '"'
+    )
 
 
 def pop_script(lists: Sequence[tuple[str, str]]) -> str:
