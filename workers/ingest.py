@@ -138,7 +138,7 @@ return out
 
 
 def _lua_string(value: str) -> str:
-    # Lua decimal escapes, always three digits ("\\0063" would read as 63, not 6 then "3").
+    # Lua decimal escapes take up to three digits: byte 22 then "3" must be "\\0223", not "\\223".
     return (
         '"' + "".join(chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in value.encode()) + '"'
     )
