@@ -256,3 +256,17 @@ def test_background_items_never_ride_in_an_urgent_batch() -> None:
     # The urgent item runs alone, next (no bulk items beside it, though four would fit).
     assert seen[1] == ["urgent"]
     assert seen[2:] == [["bulk0", "bulk1", "bulk2", "bulk3"], ["bulk4"]]
+
+
+def test_out_of_memory_even_for_one_item_becomes_a_transient_error() -> None:
+    from shared.errors import TransientError
+    from workers.runtime import as_transient
+
+    class OutOfMemoryError(RuntimeError):  # the name torch.OutOfMemoryError has
+        pass
+
+    oom = as_transient(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert isinstance(oom, TransientError) and oom.retryable and "out of memory" in str(oom)
+    assert isinstance(as_transient(ConnectionResetError("peer reset")), TransientError)
+    plain = ValueError("bad input")
+    assert as_transient(plain) is plain  # anything else is not retried

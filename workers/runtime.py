@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from shared.errors import JobExpired
+from shared.errors import JobExpired, TransientError
 from shared.jobs import JobBase
 from shared.model_store import ModelStore
 from shared.settings import Settings
@@ -219,6 +219,8 @@ class _Gather:
 
     def _item_done(self, i: int, future: Future[Batched[Any]]) -> None:
         exc = future.exception() if not future.cancelled() else RuntimeError("item cancelled")
+        if exc is not None:
+            exc = as_transient(exc)
         with self.lock:
             if self.left <= 0:
                 return  # already failed
@@ -240,6 +242,19 @@ class _Gather:
         except Exception as err:  # a result that cannot be assembled fails this job alone
             out = err
         self.done(self.job, out)
+
+
+# Failures worth another try, by type name so this module need not import torch or redis:
+# the device ran out of memory even for one item (the batcher already split the batch), or a
+# connection dropped.
+_TRANSIENT_TYPES = frozenset({"OutOfMemoryError", "ConnectionError", "TimeoutError", "ConnectionResetError"})
+
+
+def as_transient(exc: BaseException) -> BaseException:
+    """``exc``, or a TransientError carrying its message when it is worth a retry."""
+    if getattr(exc, "retryable", False) or not any(t.__name__ in _TRANSIENT_TYPES for t in type(exc).__mro__):
+        return exc
+    return TransientError(f"{type(exc).__name__}: {exc}")
 
 
 def _job_priority(job: JobBase) -> float:
