@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.errors import InvalidJob
 from shared.jobs import JobBase
+from shared.model_store import ModelStore
 from workers.batcher import Batcher, BatchPolicy
 
 
@@ -40,3 +42,20 @@ class JobKind(Protocol):
     def finish(self, job: JobBase, prepared: Prepared, outputs: list[Any]) -> dict[str, Any]:
         """The job's result body (without ``job_id``, ``type`` and ``meta``) from its items' outputs."""
         ...
+
+
+class PinnedModels:
+    """Model names resolved once per bulk of jobs (a store lookup reads the disk), each pinned
+    to one version (``@latest`` included) for every job that names it; a bad name is its error."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self._seen: dict[str, str | BaseException] = {}
+
+    def pin(self, ref: str) -> str | BaseException:
+        if ref not in self._seen:
+            try:
+                self._seen[ref] = self.store.resolve(ref).ref
+            except (InvalidJob, LookupError) as exc:
+                self._seen[ref] = exc
+        return self._seen[ref]

@@ -25,7 +25,7 @@ from shared.errors import InvalidJob
 from shared.jobs import ClassifyJob, JobBase, apply_label_template
 from shared.model_store import ModelStore, ModelVersion
 from workers.batcher import Batcher, BatchPolicy
-from workers.kinds import Prepared
+from workers.kinds import PinnedModels, Prepared
 from workers.model_cache import ModelCache
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -248,18 +248,13 @@ class ClassifyKind:
 
     def prepare(self, jobs: Sequence[JobBase]) -> list[Prepared | BaseException]:
         out: list[Prepared | BaseException] = []
-        resolved: dict[str, str | BaseException] = {}
+        models = PinnedModels(self.store)  # fail fast, and pin @latest for the whole job
         texts: list[str] = []
         for job in jobs:
             assert isinstance(job, ClassifyJob)
             model_ref: str | None = None
             if job.model is not None:
-                if job.model not in resolved:  # fail fast, and pin @latest for the whole job
-                    try:
-                        resolved[job.model] = self.store.resolve(job.model).ref
-                    except (InvalidJob, LookupError) as exc:
-                        resolved[job.model] = exc
-                pinned = resolved[job.model]
+                pinned = models.pin(job.model)
                 if isinstance(pinned, BaseException):
                     out.append(pinned)
                     continue

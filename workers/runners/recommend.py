@@ -23,7 +23,7 @@ from shared.jobs import JobBase, RecommendJob
 from shared.model_store import ModelStore, ModelVersion
 from shared.results import UserRecommendations
 from workers.batcher import Batcher, BatchPolicy
-from workers.kinds import Prepared
+from workers.kinds import PinnedModels, Prepared
 from workers.model_cache import ModelCache
 from workers.training.recommender import FACTORS_FILE, ITEMS_FILE, POPULARITY_FILE, USERS_FILE
 
@@ -222,15 +222,10 @@ class RecommendKind:
 
     def prepare(self, jobs: Sequence[JobBase]) -> list[Prepared | BaseException]:
         out: list[Prepared | BaseException] = []
-        resolved: dict[str, str | BaseException] = {}  # one store lookup per model per bulk
+        models = PinnedModels(self.store)  # one store lookup per model per bulk; @latest pinned per job
         for job in jobs:
             assert isinstance(job, RecommendJob)
-            if job.model not in resolved:
-                try:
-                    resolved[job.model] = self.store.resolve(job.model).ref  # pin @latest for the whole job
-                except (InvalidJob, LookupError) as exc:
-                    resolved[job.model] = exc
-            ref = resolved[job.model]
+            ref = models.pin(job.model)
             if isinstance(ref, BaseException):
                 out.append(ref)
                 continue
