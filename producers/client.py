@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from producers.score.run import ScoreHandle
 
 JobLike = JobBase | dict[str, Any]
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
 
 
 @dataclass(frozen=True)

@@ -248,10 +248,10 @@ def bench_latency(args: argparse.Namespace) -> dict[str, float]:
 
 def drain(client: Client, timeout: float = 120.0) -> None:
     """Wait for the chunks a stopped run left queued, so the next idle round is idle."""
-    from shared.names import BULK_QUEUES
+    from shared.names import BULK_QUEUES, priority_lists
 
     queue = BULK_QUEUES["classify"]
-    names = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
+    names = priority_lists(queue)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         queued = sum(int(client.redis.llen(n)) for n in names) + int(client.redis.hlen("unacked"))

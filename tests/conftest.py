@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import redis
 
 from producers.local_redis import LocalRedis
 from shared.supervisor import ChildSpec, spawn
@@ -111,6 +112,17 @@ def prepared_models(model_dir: Path) -> Path:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return model_dir
+
+
+def empty_db(redis_url: str, db: int) -> Iterator[str]:
+    """A database of the session's Redis of its own, emptied before and after: for tests that
+    count keys without the other tests' jobs in the way."""
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import empty_db
 from typer.testing import CliRunner
 
 from producers.cli import app
@@ -28,12 +29,7 @@ QUEUE = QUEUES["classify"]
 
 @pytest.fixture()
 def db_url(redis_url: str) -> Iterator[str]:
-    url = redis_url.rsplit("/", 1)[0] + f"/{DB}"
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    yield url
-    r.flushdb()
-    r.close()
+    yield from empty_db(redis_url, DB)
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import empty_db
 
 from producers.client import Client
 from producers.submit_claims import payload_hash
@@ -23,12 +24,7 @@ DB = 11
 
 @pytest.fixture()
 def db_url(redis_url: str) -> Iterator[str]:
-    url = redis_url.rsplit("/", 1)[0] + f"/{DB}"
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    yield url
-    r.flushdb()
-    r.close()
+    yield from empty_db(redis_url, DB)
 
 
 def make_client(url: str, tmp_path: Path, **settings: object) -> Client:

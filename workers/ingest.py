@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from shared import dead_letters
 from shared.errors import ConveyorError, InvalidJob, JobCancelled, JobExpired, describe_validation_error
 from shared.jobs import ClassifyJob, JobBase, RecommendJob, TranscribeJob
-from shared.names import CANCEL_KEY_PREFIX, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, TASKS
+from shared.names import CANCEL_KEY_PREFIX, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, TASKS, priority_list
 from workers.envelope import Envelope, decode
 from workers.result_writer import RESULT_KEY_PREFIX, UNACKED_INDEX_KEY, UNACKED_KEY, Outcome, ResultWriter
 from workers.runtime import Runtime
@@ -49,7 +49,6 @@ _COALESCE_BELOW = 16
 _COALESCE_S = 0.001
 # Bulk messages held at once: two, so the next chunk is tokenized and queued while one runs.
 BULK_IN_FLIGHT = 2
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport default
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
 
 JOB_MODELS: dict[str, type[JobBase]] = {"classify": ClassifyJob, "transcribe": TranscribeJob, "recommend": RecommendJob}
@@ -158,7 +157,7 @@ def served_lists(queues: Sequence[str], bulk: Sequence[str]) -> list[tuple[str, 
     for group in (queues, bulk):
         for pri in CELERY_PRIORITIES:
             for queue in group:
-                order.append((queue if pri == 0 else f"{queue}{PRIORITY_SEP}{pri}", queue))
+                order.append((priority_list(queue, pri), queue))
     return order
 
 
@@ -270,7 +269,6 @@ class Ingest:
         self._seq = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ingest", daemon=True)
-        self.popped = 0
         self.beat = time.monotonic()  # when the pull loop last turned: the worker's liveness
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -369,7 +367,6 @@ class Ingest:
         for i in range(0, len(raw), 2):
             tag, msg = raw[i], raw[i + 1]
             pairs.append((_text(tag), _text(msg)))
-        self.popped += len(pairs)
         return pairs
 
     def _dispatch(self, pairs: list[tuple[str, str]]) -> None:
@@ -533,7 +530,7 @@ class Ingest:
         for env in envs:
             queue = env.queue or ""
             pri = env.priority if env.priority in CELERY_PRIORITIES else 0
-            pipe.rpush(queue if pri == 0 else f"{queue}{PRIORITY_SEP}{pri}", env.raw)
+            pipe.rpush(priority_list(queue, pri), env.raw)
             if env.tag:
                 pipe.zrem(UNACKED_INDEX_KEY, env.tag)
                 pipe.hdel(UNACKED_KEY, env.tag)

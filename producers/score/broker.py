@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.jobs import JobBase
-from shared.names import BULK_QUEUES
+from shared.names import BULK_QUEUES, priority_lists
 
 if TYPE_CHECKING:
     from producers.client import Client
 
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: QUEUE, then QUEUE + sep + step per priority
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, not yet acknowledged messages
 
 
@@ -76,7 +75,7 @@ class ChunkBroker:
         """
         pattern = re.compile(re.escape(job_prefix).encode() + rb"[0-9]+(?:-r[0-9]+)?")
         redis = self.client.redis
-        names = [self.queue] + [f"{self.queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+        names = priority_lists(self.queue)
         found: set[str] = set()
         for name in names:
             for message in redis.lrange(name, 0, -1):
