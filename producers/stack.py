@@ -111,7 +111,8 @@ class Stack:
                 ChildSpec(
                     "workers",
                     [sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"],
-                    env=env, restart=True, stop_timeout=STOP_TIMEOUT_S,
+                    # The launcher gives its workers their drain plus a margin: wait for all of it.
+                    env=env, restart=True, stop_timeout=self.settings.drain_timeout_s + 20.0,
                 )  # fmt: skip
             )
             if self.with_flower:

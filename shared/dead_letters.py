@@ -20,8 +20,13 @@ import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from shared.names import DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, priority_list
+from shared.wire_text import printable, wire_bytes
 
 MAX_DEAD_LETTERS: Final = 10_000
+# A dead letter keeps at most this much of its message (and says so): 10,000 letters of 64 MiB
+# messages would fill any Redis.
+MAX_MESSAGE_CHARS: Final = 1024 * 1024
+MAX_REASON_CHARS: Final = 2000
 
 
 class DeadLetterNotFound(LookupError):
@@ -40,6 +45,24 @@ class DeadLetter(BaseModel):
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     retries: int = Field(default=0, ge=0, description="Attempts made before giving up.")
     message: str = Field(description="The raw message, exactly as it was on the queue list.")
+    truncated: bool = Field(
+        default=False, description=f"Only the first {MAX_MESSAGE_CHARS} bytes of the message are kept: never requeued."
+    )
+
+    @classmethod
+    def bounded(cls, *, id: str, queue: str, task: str | None, reason: str, retries: int, message: str) -> DeadLetter:
+        """A letter for anything a worker gives up on, whatever its strings hold: the id and
+        reason made printable (they become a hash field and a log line), the message cut to
+        ``MAX_MESSAGE_CHARS``."""
+        return cls(
+            id=printable(id, 300),
+            queue=printable(queue, 300),
+            task=None if task is None else printable(task, 300),
+            reason=printable(reason, MAX_REASON_CHARS),
+            retries=max(0, retries),
+            message=message[:MAX_MESSAGE_CHARS],
+            truncated=len(message) > MAX_MESSAGE_CHARS,
+        )
 
     def to_json(self) -> str:
         # json.dumps, not model_dump_json: it escapes the lone surrogates of non-UTF-8 messages.
@@ -72,8 +95,9 @@ def add(pipe_or_client: redis.Redis | redis.client.Pipeline, letter: DeadLetter,
     """Record ``letter``. Inside a pipeline (e.g. beside the ack that removes the message) it
     runs when the pipeline does; call ``trim`` after that. Given a client, it trims at once.
     No Lua: some Redis deployments disable scripting."""
-    pipe_or_client.hset(DEAD_LETTER_KEY, letter.id, letter.to_json())
-    pipe_or_client.zadd(DEAD_LETTER_ORDER_KEY, {letter.id: letter.failed_at.timestamp()})
+    field = wire_bytes(letter.id)
+    pipe_or_client.hset(DEAD_LETTER_KEY, field, letter.to_json())
+    pipe_or_client.zadd(DEAD_LETTER_ORDER_KEY, {field: letter.failed_at.timestamp()})
     if not isinstance(pipe_or_client, redis.client.Pipeline):
         trim(pipe_or_client, cap)
 
@@ -127,6 +151,11 @@ def requeue(client: redis.Redis, letter_id: str) -> str:
         if raw is None:
             raise DeadLetterNotFound(f"no dead letter {letter_id!r}")
         letter = _parse(letter_id.encode(), raw, 0.0)
+        if letter.truncated:
+            raise UnreadableDeadLetter(
+                f"dead letter {letter_id!r} keeps only the first {MAX_MESSAGE_CHARS} bytes of its message; "
+                "it cannot be requeued (`purge` removes it)"
+            )
         if not letter.queue:
             raise UnreadableDeadLetter(
                 f"dead letter {letter_id!r} is unreadable and names no queue; `purge` removes it"

@@ -47,6 +47,9 @@ CANCEL_KEY_PREFIX: Final = "conveyor:cancel:"
 # Dead letters: a hash id -> entry (JSON) and a sorted set id -> time, see shared/dead_letters.py.
 DEAD_LETTER_KEY: Final = "conveyor:dlq"
 DEAD_LETTER_ORDER_KEY: Final = "conveyor:dlq:order"
+# How often the ingest has taken a job (kombu's redeliveries included), by id: past
+# CONVEYOR_MAX_DELIVERIES the job is failed and dead-lettered instead of run again.
+DELIVERIES_KEY_PREFIX: Final = "conveyor:deliveries:"
 # An explicit job id, claimed at submit (SET NX, for as long as results are kept): sent once.
 JOB_ID_KEY_PREFIX: Final = "conveyor:job:"
 

@@ -116,6 +116,26 @@ class Settings(BaseSettings):
         description="An inference job held longer than this is given up and redelivered: a hung batch "
         "never holds a job forever.",
     )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Times an inference job may be taken from its queue (kombu's redeliveries after a worker "
+        "died, and time-limit releases, included) before it is failed and dead-lettered instead of run again.",
+    )
+    drain_timeout_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=3600.0,
+        description="On a stop, how long a worker lets the jobs it holds finish and be written before it puts "
+        "the rest back at the head of their queues (the supervisor waits this plus 15 s before SIGKILL).",
+    )
+    max_memory_mb: int = Field(
+        default=4096,
+        ge=0,
+        description="A worker process whose resident memory passes this finishes what it holds, takes nothing "
+        "new and exits; its supervisor starts a fresh one (Celery's --max-memory-per-child idea). 0: no bound.",
+    )
     max_retries: int = Field(
         default=3,
         ge=0,
@@ -179,6 +199,26 @@ class Settings(BaseSettings):
         default=100_000,
         ge=0,
         description="Jobs a queue may hold before submit refuses new ones with QueueFull. 0: unbounded.",
+    )
+    max_audio_file_mb: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000,
+        description="Largest audio file (audio_path) a transcription job may name, in MB; checked before the "
+        "file is opened. Inline audio_b64 has the job schema's own limit.",
+    )
+    max_audio_samples: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Most samples (frames x channels, from the header, before decoding) in one job's audio: "
+        "an hour of 48 kHz mono or 16-24 kHz stereo; 800 MB were it decoded whole.",
+    )
+    max_input_file_mb: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Largest training data file (data_path, validation_path, interactions_path) a job may "
+        "read, in MB; checked before the file is read, and the read stops there.",
     )
 
     @field_validator("input_roots", mode="before")

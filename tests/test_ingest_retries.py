@@ -31,6 +31,10 @@ class FlakyRuntime:
     def __init__(self, failures: dict[str, int]) -> None:
         self.failures = dict(failures)
         self.calls: dict[str, int] = {}
+        self.cancelled: list[str] = []
+
+    def cancel(self, job: JobBase) -> None:
+        self.cancelled.append(job.id)
 
     def submit(
         self, jobs: Sequence[JobBase], done: Callable[[JobBase, Any], None], urgency: Callable[[JobBase], float]
@@ -108,19 +112,32 @@ def test_transient_failures_are_retried_with_a_bound_and_then_dead_lettered(url:
         ingest.stop(timeout=5)
 
 
-def test_a_job_stuck_past_its_time_limit_is_released_for_redelivery(url: str) -> None:
-    ingest = make_ingest(url, FlakyRuntime({}), time_limit_s=0.5).start()
+def test_a_job_stuck_past_its_time_limit_is_cancelled_requeued_and_dead_lettered_after_n_deliveries(url: str) -> None:
+    runtime = FlakyRuntime({})
+    ingest = make_ingest(url, runtime, time_limit_s=0.3, max_deliveries=3).start()
     app = Celery("producer", broker=url, backend=url)
     r = redis.Redis.from_url(url)
     try:
-        send(app, "hang")
+        job_id = send(app, "hang")
         end = time.monotonic() + 10
         while not ingest.held and time.monotonic() < end:
             time.sleep(0.02)
         (tag,) = ingest.held_tags()  # held and leased while young
-        time.sleep(0.7)
-        assert ingest.held_tags() == [] and ingest.held == 0  # no longer renewed: kombu will redeliver it
-        assert r.hexists("unacked", tag)  # still kombu's to restore, not acknowledged
+        end = time.monotonic() + 20
+        while r.get(f"celery-task-meta-{job_id}") is None and time.monotonic() < end:
+            ingest.held_tags()  # what the lease keeper calls: gives up the jobs past their limit
+            time.sleep(0.05)
+        meta = state(r, job_id)
+        assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "InvalidJob"
+        assert "delivered 4 times" in meta["result"]["exc_message"][0]
+        assert runtime.calls["hang"] == 3  # three deliveries ran, the fourth was refused
+        assert runtime.cancelled == [job_id] * 3  # each given-up copy was cancelled in its batcher
+        assert ingest.timed_out == 3
+        time.sleep(0.3)
+        letters = [DeadLetter.from_json(v) for v in r.hvals(DEAD_LETTER_KEY)]
+        assert [x.id for x in letters] == [job_id]
+        assert r.hlen("unacked") == 0 and r.llen("conveyor.classify") == 0  # nothing left to loop
+        assert not r.exists(f"conveyor:deliveries:{job_id}") or int(r.get(f"conveyor:deliveries:{job_id}")) == 4
     finally:
         ingest.stop(timeout=1)
 
@@ -159,12 +176,13 @@ def test_the_pop_script_serves_priorities_then_bulk_and_files_every_message(url:
     r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-1"}}))
     r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-2"}}))
     out = pop(keys=keys, args=[6, 1.0, 20, 2])
-    assert out[::2] == [b"conveyor.classify-0", b"conveyor.recommend-0", b"conveyor.classify-1",
+    assert out[::4] == [b"conveyor.classify-0", b"conveyor.recommend-0", b"conveyor.classify-1",
                         b"conveyor.recommend-1", b"conveyor.classify-2", b"conveyor.recommend-2"]  # fmt: skip
+    assert out[2::4] == [1, 2, 3, 4, 5, 6] and set(out[3::4]) == {b""}  # the list each came from; all filed
     out = pop(keys=keys, args=[0, 1.0, 20, 2])  # interactive room full: no bulk while interactive jobs wait
     assert out == []
     out = pop(keys=keys, args=[100, 1.0, 20, 2])
-    assert len(out) // 2 == 14 and b"bulk-1" not in out  # the interactive rest first, bulk not with them
+    assert len(out) // 4 == 14 and b"bulk-1" not in out  # the interactive rest first, bulk not with them
     out = pop(keys=keys, args=[100, 1.0, 20, 1])
-    assert out[::2] == [b"bulk-1"]  # then bulk, one message at a time as the room allows
+    assert out[::4] == [b"bulk-1"]  # then bulk, one message at a time as the room allows
     assert r.hlen("unacked") == 21 and r.zcard("unacked_index") == 21

@@ -11,6 +11,8 @@ Training jobs take Celery's ordinary per-task path (``workers.tasks``).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -69,6 +71,8 @@ def runtime() -> Runtime:
 
 
 def _on_batch(job_type: str, size: int, failed: bool) -> None:
+    if process.ingest is not None:
+        process.ingest.batch_ran()
     if process.metrics is not None:
         process.metrics.batch(job_type, size)
         if failed:
@@ -159,6 +163,7 @@ def _start_ingest(hostname: str) -> None:
         time_limit_s=settings.inference_time_limit_s,
         max_retries=settings.max_retries,
         retry_backoff_s=settings.retry_backoff_s,
+        max_deliveries=settings.max_deliveries,
         idle_poll_s=settings.idle_poll_ms / 1000.0,
         revoked=worker_state.revoked,
         on_active=_on_active,
@@ -169,15 +174,58 @@ def _start_ingest(hostname: str) -> None:
 
 
 def _heartbeat(path: Path) -> None:
-    """Touch this worker's heartbeat file while its ingest loop turns; the supervisor restarts a
-    worker whose file goes stale (alive but no longer consuming)."""
+    """Touch this worker's heartbeat file while it does its work: the ingest loop and the result
+    writer turn, held jobs move, the lease keeper lives. The supervisor restarts a worker whose
+    file goes stale (alive but no longer working). A worker whose memory passed
+    CONVEYOR_MAX_MEMORY_MB drains and exits, and the supervisor starts a fresh one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    recycling_since: float | None = None
     while process.ingest is not None:
-        if time.monotonic() - process.ingest.beat < settings.worker_stall_s:
-            path.touch(mode=0o600)
-        else:
-            log.error("the ingest loop has not turned for %.0fs; letting the heartbeat lapse", settings.worker_stall_s)
-        time.sleep(min(5.0, settings.worker_stall_s / 4))
+        try:
+            problem = process.ingest.health(settings.worker_stall_s)
+            if problem is None and process.leases is not None and not process.leases.alive():
+                problem = "the lease keeper died"
+            if problem is None:
+                path.touch(mode=0o600)
+            else:
+                log.error("%s; letting the heartbeat lapse so the supervisor replaces this worker", problem)
+            recycling_since = _maybe_recycle(recycling_since)
+        except Exception:  # the heartbeat itself must not die silently: log, lapse, go on
+            log.exception("heartbeat check failed")
+        time.sleep(min(2.0, settings.worker_stall_s / 4))
+
+
+def resident_mb() -> float:
+    """This process's resident memory (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _maybe_recycle(since: float | None) -> float | None:
+    """Past the memory bound: take nothing new, and once the held jobs are written (or the drain
+    time is up) stop warm, as a SIGTERM would; the held rest goes back to its queues."""
+    ingest = process.ingest
+    if ingest is None or settings.max_memory_mb <= 0:
+        return since
+    if since is None:
+        rss = resident_mb()
+        if rss <= settings.max_memory_mb:
+            return None
+        log.warning(
+            "resident memory %.0f MB is over CONVEYOR_MAX_MEMORY_MB=%d; finishing held jobs, then recycling",
+            rss, settings.max_memory_mb,
+        )  # fmt: skip
+        ingest.drain()
+        since = time.monotonic()
+    if ingest.held == 0 or time.monotonic() - since > settings.drain_timeout_s:
+        log.warning("recycling this worker process (memory bound)")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return since
 
 
 def _on_active(entry: Any, running: bool) -> None:
@@ -209,7 +257,7 @@ def _on_retry(entry: Any) -> None:
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
     if process.ingest is not None:
-        process.ingest.stop()
+        process.ingest.stop(timeout=settings.drain_timeout_s)
     if process.leases is not None:
         process.leases.stop()
     if process.runtime is not None:

@@ -14,17 +14,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.wire_text import first_non_text, is_text
+
 JSON_CONTENT_TYPE = "application/json"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a message larger than this is refused before decoding
+# A message larger than this is refused before decoding (the pop script dead-letters it
+# without parsing it): inline audio of 16 MiB, base64 twice, is about 29 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# `"id": "..."` in a message that is not JSON: the id of a job whose client is waiting.
+_ID_IN_TEXT = re.compile(r'"id"\s*:\s*"([A-Za-z0-9._:@+=-]{1,200})"')
 
 
 @dataclass(slots=True)
 class Envelope:
     raw: str  # the message exactly as it was on the list: what a dead letter keeps
-    tag: str | None = None  # kombu's delivery tag: the key of its unacked entry
+    tag: str | None = None  # the key of its unacked entry (given by the pop script)
+    list_key: str | None = None  # the Redis list it was taken from: where it goes back to
     id: str | None = None
     task: str | None = None
     args: list[Any] = field(default_factory=list)
@@ -33,6 +41,7 @@ class Envelope:
     priority: int = 0  # Celery's (0 is served first)
     expires: str | None = None
     retries: int = 0
+    deliveries: int = 1  # times the ingest has taken it, kombu's redeliveries included
     error: str | None = None  # set when the message cannot be run at all; says why
 
     @property
@@ -67,6 +76,10 @@ def decode(raw: str) -> Envelope:
     # Protocol 2 names the task and id in the headers: readable even when the body is not.
     env.id = _str(headers.get("id"))
     env.task = _str(headers.get("task"))
+    for name, value in (("headers.id", env.id), ("headers.task", env.task)):
+        if value is not None and not is_text(value):
+            env.error = f"{name} is not valid UTF-8 text"
+            return env
     content_type = message.get("content-type")
     if content_type != JSON_CONTENT_TYPE:
         env.error = f"content type {content_type!r} is refused: Conveyor accepts {JSON_CONTENT_TYPE} only"
@@ -96,7 +109,26 @@ def decode(raw: str) -> Envelope:
         return env
     if env.id is None:
         env.error = "Celery message without a task id"
+        return env
+    for name, value in (("id", env.id), ("task", env.task), ("expires", env.expires)):
+        if value is not None and not is_text(value):
+            env.error = f"{name} is not valid UTF-8 text"
+            return env
+    bad = first_non_text([env.args, env.kwargs])
+    if bad is not None:
+        where = ("args" + bad[1:]) if bad.startswith("0") else ("kwargs" + bad[1:])
+        env.error = f"{where} is not valid Unicode text (a lone surrogate or bytes that are not UTF-8)"
     return env
+
+
+def recover_id(raw: str) -> str | None:
+    """The task id of a message that could not be decoded, where one can still be read, so its
+    client gets a FAILURE instead of waiting on PENDING forever."""
+    env = decode(raw) if len(raw) <= MAX_MESSAGE_BYTES else Envelope(raw)
+    if env.id is not None:
+        return env.id
+    found = _ID_IN_TEXT.search(raw, 0, 1 << 20)
+    return found.group(1) if found else None
 
 
 @dataclass(frozen=True, slots=True)

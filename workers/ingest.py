@@ -27,17 +27,27 @@ import random
 import threading
 import time
 from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from celery.utils.saferepr import saferepr
 from pydantic import ValidationError
 
 from shared import dead_letters
 from shared.errors import ConveyorError, InvalidJob, JobCancelled, JobExpired, describe_validation_error
 from shared.jobs import ClassifyJob, JobBase, RecommendJob, TranscribeJob
-from shared.names import CANCEL_KEY_PREFIX, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY, TASKS, priority_list
-from workers.envelope import Envelope, decode
+from shared.names import (
+    CANCEL_KEY_PREFIX,
+    DEAD_LETTER_KEY,
+    DEAD_LETTER_ORDER_KEY,
+    DELIVERIES_KEY_PREFIX,
+    TASKS,
+    priority_list,
+)
+from shared.wire_text import printable, wire_bytes
+from workers.envelope import MAX_MESSAGE_BYTES, Envelope, decode, recover_id
 from workers.result_writer import RESULT_KEY_PREFIX, UNACKED_INDEX_KEY, UNACKED_KEY, Outcome, ResultWriter
 from workers.runtime import Runtime
 from workers.task_events import TaskEvents
@@ -59,61 +69,165 @@ TASK_TYPES: dict[str, str] = {TASKS[t]: t for t in JOB_MODELS}
 # (``pop_script``): packing 60 key names into every call cost more than the pop itself.
 # ARGV: most interactive messages, now, how many of the lists are interactive, most bulk
 # messages.
-# Returns tag, message pairs; a tag of "" means the message was dead-lettered (then the
-# second element is the dead letter's id).
+# Returns four elements per message: its tag, the message, the index (1-based) of the list it
+# came from, and a reason. A reason other than "" means the message was not filed but
+# dead-lettered at intake (then the tag is the dead letter's id).
+#
+# Only what kombu's restore can re-publish is filed in ``unacked``: its
+# ``_do_restore_message`` sets ``headers.redelivered`` and
+# ``properties.delivery_info.redelivered`` and reads ``properties.priority``; anything it
+# cannot do that to (an array, ``"headers": []`` or ``null``, an infinite priority), cannot
+# parse (bytes that are not UTF-8, kombu's ``__type__`` markers), or would route elsewhere is
+# dead-lettered here instead, where kombu would have dropped it on redelivery. A filed entry
+# always names the queue the message was taken from, never the routing key it claims.
 POP_SCRIPT = r"""
+cjson.decode_invalid_numbers(false)  -- hex, inf and nan: Python's json (kombu's restore) refuses them
+cjson.decode_max_depth(32)           -- a Celery envelope is 4 deep; its body is a string
 local n = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local LISTS = {--LISTS--}
 local QUEUES = {--QUEUES--}
+local MAX_BYTES = --MAX_BYTES--
+local MAX_LETTER_BYTES = --MAX_LETTER_BYTES--
 local nlists = #LISTS
 local out = {}
-local function take(m, qname)
+
+local function valid_utf8(s)
+  local i = string.find(s, '[\128-\255]')
+  while i do
+    local c = string.byte(s, i)
+    local len, lo = 0, 128
+    if c >= 194 and c <= 223 then len = 1
+    elseif c >= 224 and c <= 239 then len = 2 if c == 224 then lo = 160 end
+    elseif c >= 240 and c <= 244 then len = 3 if c == 240 then lo = 144 end
+    else return false end
+    local hi = 191
+    if c == 237 then hi = 159 elseif c == 244 then hi = 143 end
+    for k = 1, len do
+      local b = string.byte(s, i + k)
+      if not b then return false end
+      if k == 1 then
+        if b < lo or b > hi then return false end
+      elseif b < 128 or b > 191 then return false end
+    end
+    i = string.find(s, '[\128-\255]', i + len + 1)
+  end
+  return true
+end
+
+-- 'object', 'empty' (an object or an array: cjson cannot tell), or nil for anything else
+local function shape(v)
+  if type(v) ~= 'table' then return nil end
+  if next(v) == nil then return 'empty' end
+  if v[1] ~= nil then return nil end
+  return 'object'
+end
+
+local function has_type_marker(t, depth)
+  if depth > 40 then return true end
+  for k, v in pairs(t) do
+    if k == '__type__' then return true end
+    if type(v) == 'table' and has_type_marker(v, depth + 1) then return true end
+  end
+  return false
+end
+
+-- The payload to file for kombu's restore, or nil and why it cannot be filed.
+local function restorable(m)
+  if #m > MAX_BYTES then return nil, 'larger than the ' .. MAX_BYTES .. '-byte message limit' end
+  if string.find(m, '[\128-\255]') and not valid_utf8(m) then return nil, 'not UTF-8 text' end
   local ok, msg = pcall(cjson.decode, m)
-  if not ok or type(msg) ~= 'table' then
-    local id = 'undecodable-' .. redis.call('INCR', KEYS[3] .. ':seq')
-    -- The entry must be valid JSON whatever the bytes: each byte >= 0x80 is written as a
-    -- surrogate escape (Python reads it back byte for byte with 'surrogateescape').
-    local raw = (string.gsub(cjson.encode(m), '[\128-\255]', function(c)
-      return string.format('\\udc%02x', string.byte(c)) end))
-    redis.call('HSET', KEYS[3], id, '{"id":' .. cjson.encode(id) .. ',"queue":' .. cjson.encode(qname) ..
-      ',"reason":"not a Celery message: not a JSON object","failed_at":' .. now .. ',"retries":0,"message":' ..
-      raw .. '}')
-    redis.call('ZADD', KEYS[4], now, id)
-    table.insert(out, '')
-    table.insert(out, id)
+  if not ok then return nil, 'not a Celery message: not JSON' end
+  if shape(msg) ~= 'object' then return nil, 'not a Celery message: not a JSON object' end
+  local normalize = string.find(m, '[%z\1-\31]') ~= nil  -- control bytes: Python's json refuses them in strings
+  local h = msg['headers']
+  if h ~= nil then
+    local s = shape(h)
+    if not s then return nil, 'not a Celery message: headers is not an object' end
+    if s == 'empty' then normalize = true end
+  end
+  local p = msg['properties']
+  if p ~= nil then
+    local s = shape(p)
+    if not s then return nil, 'not a Celery message: properties is not an object' end
+    if s == 'empty' then normalize = true end
+    local di = p['delivery_info']
+    if di ~= nil then
+      local d = shape(di)
+      if not d then return nil, 'not a Celery message: properties.delivery_info is not an object' end
+      if d == 'empty' then normalize = true end
+    end
+    local pri = p['priority']
+    if type(pri) == 'number' and (pri ~= pri or pri >= 1e300 or pri <= -1e300) then
+      return nil, 'not a Celery message: properties.priority is not a finite number'
+    end
+  end
+  if string.find(m, '__type__', 1, true) and has_type_marker(msg, 0) then
+    return nil, "not a Celery message: it uses kombu's __type__ markers"
+  end
+  if normalize then
+    -- cjson writes {} for an empty table (kombu needs an object there) and escapes control bytes.
+    local eok, text = pcall(cjson.encode, msg)
+    if not eok then return nil, 'not a Celery message: cannot be re-encoded' end
+    return text, msg
+  end
+  return m, msg
+end
+
+local function dead_letter(m, qname, reason)
+  local id = 'intake-' .. redis.call('INCR', KEYS[3] .. ':seq')
+  local kept = m
+  local cut = 'false'
+  if #kept > MAX_LETTER_BYTES then kept = string.sub(kept, 1, MAX_LETTER_BYTES) cut = 'true' end
+  -- The entry must be valid JSON whatever the bytes: each byte >= 0x80 is written as a
+  -- surrogate escape (Python reads it back byte for byte with 'surrogateescape').
+  local raw = (string.gsub(cjson.encode(kept), '[\128-\255]', function(c)
+    return string.format('\\udc%02x', string.byte(c)) end))
+  redis.call('HSET', KEYS[3], id, '{"id":' .. cjson.encode(id) .. ',"queue":' .. cjson.encode(qname) ..
+    ',"reason":' .. cjson.encode(reason) .. ',"failed_at":' .. now .. ',"retries":0,"truncated":' .. cut ..
+    ',"message":' .. raw .. '}')
+  redis.call('ZADD', KEYS[4], now, id)
+  return id
+end
+
+local function take(m, li)
+  local qname = QUEUES[li]
+  local payload, msg = restorable(m)
+  if not payload then
+    local id = dead_letter(m, qname, msg)
+    -- What the worker needs to recover the id and fail it: the head of the message.
+    table.insert(out, id) table.insert(out, string.sub(m, 1, MAX_LETTER_BYTES))
+    table.insert(out, li) table.insert(out, msg)
     return
   end
-  local tag, ex, rk = nil, '', qname
+  local tag = nil
   local props = msg['properties']
   if type(props) == 'table' then
-    if type(props['delivery_tag']) == 'string' and props['delivery_tag'] ~= '' then tag = props['delivery_tag'] end
-    local di = props['delivery_info']
-    if type(di) == 'table' then
-      if type(di['exchange']) == 'string' then ex = di['exchange'] end
-      if type(di['routing_key']) == 'string' then rk = di['routing_key'] end
-    end
+    local t = props['delivery_tag']
+    -- A tag is a key in kombu's hash and a member of its index: only a plain one is kept.
+    if type(t) == 'string' and #t <= 128 and string.find(t, '^[%w%-%._:]+$') then tag = t end
   end
   if not tag or redis.call('HEXISTS', KEYS[1], tag) == 1 then
     tag = 'conveyor-' .. redis.call('INCR', KEYS[1] .. ':conveyor-seq')
   end
   redis.call('ZADD', KEYS[2], now, tag)
-  redis.call('HSET', KEYS[1], tag, '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-  table.insert(out, tag)
-  table.insert(out, m)
+  redis.call('HSET', KEYS[1], tag, '[' .. payload .. ',"",' .. cjson.encode(qname) .. ']')
+  table.insert(out, tag) table.insert(out, m) table.insert(out, li) table.insert(out, '')
 end
+
 local interactive = tonumber(ARGV[3])
 local nbulk = tonumber(ARGV[4])
+local taken = 0
 for i = 1, interactive do
-  local want = n - #out / 2
+  local want = n - taken
   if want <= 0 then break end
   local got = redis.call('RPOP', LISTS[i], want)
   if got then
-    for _, m in ipairs(got) do take(m, QUEUES[i]) end
+    for _, m in ipairs(got) do take(m, i) taken = taken + 1 end
   end
 end
 -- Bulk messages (many rows each) only when no interactive job waits.
-if nbulk > 0 and #out == 0 then
+if nbulk > 0 and taken == 0 then
   local waiting = false
   if n <= 0 then
     for i = 1, interactive do
@@ -125,7 +239,7 @@ if nbulk > 0 and #out == 0 then
       while nbulk > 0 do
         local m = redis.call('RPOP', LISTS[i])
         if not m then break end
-        take(m, QUEUES[i])
+        take(m, i)
         nbulk = nbulk - 1
       end
       if nbulk <= 0 then break end
@@ -145,8 +259,11 @@ def _lua_string(value: str) -> str:
 
 def pop_script(lists: Sequence[tuple[str, str]]) -> str:
     """The pop script for these (list key, queue) pairs, served in this order."""
-    return POP_SCRIPT.replace("--LISTS--", ", ".join(_lua_string(key) for key, _ in lists)).replace(
-        "--QUEUES--", ", ".join(_lua_string(queue) for _, queue in lists)
+    return (
+        POP_SCRIPT.replace("--LISTS--", ", ".join(_lua_string(key) for key, _ in lists))
+        .replace("--QUEUES--", ", ".join(_lua_string(queue) for _, queue in lists))
+        .replace("--MAX_BYTES--", str(MAX_MESSAGE_BYTES))
+        .replace("--MAX_LETTER_BYTES--", str(dead_letters.MAX_MESSAGE_CHARS))
     )
 
 
@@ -194,6 +311,19 @@ def item_count(job: JobBase) -> int:
     return 1
 
 
+def rough_items(env: Envelope) -> int:
+    """Items of a decoded message before it is validated (prefetch counts items, not messages)."""
+    try:
+        data = job_data(env.args, env.kwargs)
+    except InvalidJob:
+        return 1
+    for field in ("texts", "users"):
+        value = data.get(field)
+        if isinstance(value, list):
+            return max(1, len(value))
+    return 1
+
+
 class InFlight:
     """One job the worker holds; also what ``celery inspect active`` lists for it."""
 
@@ -213,9 +343,10 @@ class InFlight:
     def info(self, safe: bool = False) -> dict[str, Any]:
         env = self.env
         return {
-            "id": env.id, "name": env.task, "args": env.args, "kwargs": env.kwargs, "type": env.task,
+            "id": env.id, "name": env.task, "args": saferepr(env.args, maxlen=1024),
+            "kwargs": saferepr(env.kwargs, maxlen=1024), "type": env.task,
             "hostname": None, "time_start": self.received, "acknowledged": False,
-            "delivery_info": {"routing_key": env.queue, "priority": env.priority, "redelivered": False},
+            "delivery_info": {"routing_key": env.queue, "priority": env.priority, "redelivered": env.deliveries > 1},
             "worker_pid": None,
         }  # fmt: skip
 
@@ -236,6 +367,7 @@ class Ingest:
         time_limit_s: float,
         max_retries: int,
         retry_backoff_s: float,
+        max_deliveries: int = 5,
         idle_poll_s: float = 0.005,
         revoked: Container[str] = frozenset(),
         on_active: Callable[[InFlight, bool], None] | None = None,
@@ -249,27 +381,33 @@ class Ingest:
         self.prefetch_items = max(1, prefetch_items)
         self.time_limit_s = time_limit_s
         self.max_retries = max_retries
+        self.max_deliveries = max(1, max_deliveries)
+        self.result_ttl_s = result_ttl_s
         self.retry_backoff_s = retry_backoff_s
         self.idle_poll_s = max(_IDLE_FIRST_S, idle_poll_s)
         self.revoked = revoked
         self.on_active = on_active
         self.on_outcome = on_outcome
         self.on_retry = on_retry
-        lists = served_lists(queues, bulk_queues)
+        self._lists = served_lists(queues, bulk_queues)
         self._interactive = len(queues) * len(CELERY_PRIORITIES)
         self._bulk_queues = frozenset(bulk_queues)
         self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY]
-        self._pop = client.register_script(pop_script(lists))
+        self._pop = client.register_script(pop_script(self._lists))
         self.writer = ResultWriter(writer_client, hostname, result_ttl_s, events, self._written)
         self._inflight: dict[int, InFlight] = {}  # id(job) -> entry
         self._items = 0  # items of the interactive jobs held, until their results are written
         self._bulk = 0  # bulk messages held: at most BULK_IN_FLIGHT, so one is ready when one ends
+        self._items_per_message = 1.0  # recent interactive messages' items: how many to pop
         self._room = threading.Condition()
         self._retries: list[tuple[float, int, InFlight]] = []  # (due, seq, entry), a heap
         self._seq = 0
         self._stop = threading.Event()
+        self._draining = threading.Event()  # take no new jobs (recycling, stopping)
         self._thread = threading.Thread(target=self._loop, name="ingest", daemon=True)
         self.beat = time.monotonic()  # when the pull loop last turned: the worker's liveness
+        self.progress_at = time.monotonic()  # when a held job last moved (a result written, a batch run)
+        self.timed_out = 0  # jobs given up at their time limit (counted for metrics and tests)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Ingest:
@@ -277,40 +415,82 @@ class Ingest:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def drain(self) -> None:
+        """Take no new jobs; those held finish (the worker is about to be recycled)."""
+        self._draining.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
         """Stop taking jobs, let the held ones finish and be written (up to ``timeout``), then
-        put any still unfinished back on their queues."""
+        put any still unfinished back at the head of the lists they came from, at once."""
+        self._draining.set()
         self._stop.set()
         with self._room:
             self._room.notify_all()
-        self._thread.join(timeout)
         deadline = time.monotonic() + timeout
+        self._thread.join(timeout)
         while (self._inflight or self.writer.pending) and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.writer.stop()
-        left = [e.env for e in list(self._inflight.values())]
+        left = list(self._inflight.values())
+        self._inflight.clear()
+        for entry in left:
+            self.runtime.cancel(entry.job)
         if left:
-            self._requeue(left)
+            log.warning("putting %d unfinished jobs back on their queues", len(left))
+            for entry in reversed(left):  # the oldest ends at the head
+                self.writer.put(Outcome(entry.env, "", requeue=True))
+        self.writer.stop(timeout=max(2.0, deadline - time.monotonic() + 2.0))
+        if self.writer.pending:  # the writer could not finish (Redis away): try once more here
+            self._requeue([entry.env for entry in left])
+
+    # -- health -------------------------------------------------------------------------------------
+    def health(self, stall_s: float) -> str | None:
+        """None while the worker does its work; else what is wrong: a loop that stopped turning,
+        a thread that died, or jobs held with no progress (no result, no batch) for ``stall_s``."""
+        now = time.monotonic()
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return "the ingest thread died"
+        if now - self.beat > stall_s:
+            return f"the ingest loop has not turned for {now - self.beat:.0f}s"
+        if not self.writer.alive() and not self._stop.is_set():
+            return "the result writer died"
+        if now - self.writer.beat > stall_s:
+            return f"the result writer has not turned for {now - self.writer.beat:.0f}s"
+        if self._inflight and now - max(self.progress_at, self.writer.written_at) > stall_s:
+            return f"{len(self._inflight)} jobs held and nothing written or run for {stall_s:.0f}s"
+        return None
+
+    def batch_ran(self) -> None:
+        """A forward pass finished (the runtime's batch observer): held jobs are moving."""
+        self.progress_at = time.monotonic()
 
     # -- what the lease keeper renews ---------------------------------------------------------------
     def held_tags(self) -> list[str]:
-        """Delivery tags of the jobs really running here; a job past its time limit is given up
-        (its lease lapses and kombu redelivers it), never held forever."""
+        """Delivery tags of the jobs really running here. A job past its time limit is given up:
+        its items still waiting in a batcher are cancelled and it goes back to its queue at once,
+        where its delivery count fails it for good after ``max_deliveries`` (never held or
+        redelivered forever)."""
         now = time.monotonic()
         tags = []
         for key, entry in list(self._inflight.items()):
             if now - entry.started > self.time_limit_s:
-                log.error(
-                    "job %s ran past the %.0fs time limit; releasing it for redelivery", entry.id, self.time_limit_s
-                )
                 if self._inflight.pop(key, None) is not None:
-                    self._release([entry])
-                    if self.on_active is not None:
-                        self.on_active(entry, False)
+                    self._time_out(entry)
                 continue
             if entry.env.tag:
                 tags.append(entry.env.tag)
         return tags
+
+    def _time_out(self, entry: InFlight) -> None:
+        self.timed_out += 1
+        log.error(
+            "job %s ran past the %.0fs time limit (delivery %d of %d); cancelled and put back on its queue",
+            printable(entry.id or "?"), self.time_limit_s, entry.env.deliveries, self.max_deliveries,
+        )  # fmt: skip
+        self.runtime.cancel(entry.job)
+        self.writer.put(Outcome(entry.env, "", requeue=True))
+        self._release([entry])
+        if self.on_active is not None:
+            self.on_active(entry, False)
 
     @property
     def held(self) -> int:
@@ -331,67 +511,80 @@ class Ingest:
                 room, bulk_room = self._wait_for_room()
                 if room <= 0 and bulk_room <= 0:
                     continue
-                pairs = self._pop_messages(room, bulk_room)
+                popped = self._pop_messages(room, bulk_room)
                 backoff = 0.1
-            except redis.RedisError as exc:  # Redis away: wait, reconnect, go on
-                log.warning("ingest: Redis error (%s); retrying in %.1fs", exc, backoff)
+            except Exception as exc:  # Redis away (or anything else): wait, reconnect, go on
+                if not isinstance(exc, redis.RedisError):
+                    log.exception("ingest: pop failed")
+                log.warning("ingest: %s (%s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if not pairs:
+            if not popped:
                 self._stop.wait(idle)
                 idle = min(idle * 2, self.idle_poll_s)
                 continue
             idle = _IDLE_FIRST_S
             try:
-                self._dispatch(pairs)
+                self._dispatch(popped, room)
             except Exception:  # never let one bulk stop the loop; its jobs stay unacked and come back
                 log.exception("ingest: dispatch failed")
-            if len(pairs) < min(room, _COALESCE_BELOW):
+            if len(popped) < min(room, _COALESCE_BELOW):
                 # Jobs trickling in: let a few gather for 1 ms rather than pay a pop for each one.
                 self._stop.wait(_COALESCE_S)
 
     def _wait_for_room(self) -> tuple[int, int]:
         with self._room:
-            while self._items >= self.prefetch_items and self._bulk >= BULK_IN_FLIGHT and not self._stop.is_set():
+            while (
+                (self._items >= self.prefetch_items and self._bulk >= BULK_IN_FLIGHT) or self._draining.is_set()
+            ) and not self._stop.is_set():
                 self._room.wait(0.5)
                 self.beat = time.monotonic()  # waiting for the batches to make room is alive
             if self._stop.is_set():
                 return 0, 0
             return self.prefetch_items - self._items, BULK_IN_FLIGHT - self._bulk
 
-    def _pop_messages(self, room: int, bulk_room: int) -> list[tuple[str, str]]:
-        args: list[str | int | float] = [max(0, room), time.time(), self._interactive, max(0, bulk_room)]
+    def _pop_messages(self, room: int, bulk_room: int) -> list[_Popped]:
+        # Ask for as many messages as the room holds at the recent items per message; a pop
+        # that brings more items than that is trimmed in ``_dispatch``.
+        want = max(1, int(room / self._items_per_message)) if room > 0 else 0
+        args: list[str | int | float] = [want, time.time(), self._interactive, max(0, bulk_room)]
         raw = self._pop(keys=self._keys, args=args)
-        pairs = []
-        for i in range(0, len(raw), 2):
-            tag, msg = raw[i], raw[i + 1]
-            pairs.append((_text(tag), _text(msg)))
-        return pairs
+        popped = []
+        for i in range(0, len(raw), 4):
+            index = int(raw[i + 2]) - 1
+            key, queue = self._lists[index]
+            popped.append(_Popped(_text(raw[i]), _text(raw[i + 1]), key, queue, _text(raw[i + 3])))
+        return popped
 
-    def _dispatch(self, pairs: list[tuple[str, str]]) -> None:
+    def _dispatch(self, popped: list[_Popped], room: int) -> None:
         received = time.time()
         envs: list[Envelope] = []
-        if any(not tag for tag, _ in pairs):
+        if any(p.reason for p in popped):
             dead_letters.trim(self.client)  # the pop script added some: keep the store bounded
-        for tag, msg in pairs:
-            if not tag:
-                log.warning("a message that is not a JSON object was moved to the dead-letter queue as %s", msg)
-                if self.on_outcome is not None:
-                    self.on_outcome(None, Outcome(Envelope(""), "", dead_letter="not a JSON object"))
+        for p in popped:
+            if p.reason:
+                self._refused_at_intake(p)
                 continue
-            env = decode(msg)
-            env.tag = tag  # the script may have given a message without one a tag of its own
+            env = decode(p.message)
+            env.tag, env.list_key, env.queue = p.tag, p.list_key, p.queue
             envs.append(env)
+        envs = self._trim_to_room(envs, room)
         if not envs:
             return
-        finished, cancelled = self._lookups([e.id for e in envs if e.ok and e.id])
+        finished, cancelled, deliveries = self._lookups([e.id for e in envs if e.ok and e.id])
         jobs: list[JobBase] = []
         for env in envs:
+            if env.id is not None:
+                env.deliveries = deliveries.get(env.id, 1)
             try:
                 entry = self._admit(env, received, finished, cancelled)
             except ConveyorError as exc:
                 self._finish_early(env, exc)
+                continue
+            except Exception as exc:  # a bug met by one message fails that message, never the bulk
+                log.exception("ingest: admitting job %s failed", printable(env.id or "?"))
+                self._finish_early(env, _Refused(f"the worker could not admit this message ({type(exc).__name__})"))
                 continue
             if entry is None:
                 continue
@@ -405,6 +598,45 @@ class Ingest:
         if jobs:
             self.runtime.submit(jobs, self._done, self._urgency)
 
+    def _trim_to_room(self, envs: list[Envelope], room: int) -> list[Envelope]:
+        """Keep the interactive messages whose items fit the room (at least one), and put the rest
+        back at the head of their lists: prefetch is counted in items, so a backlog of large jobs
+        cannot fill a worker ahead of an urgent one."""
+        kept: list[Envelope] = []
+        back: list[Envelope] = []
+        items = messages = 0
+        for env in envs:
+            if env.queue in self._bulk_queues or not env.ok:
+                kept.append(env)
+                continue
+            n = rough_items(env)
+            items, messages = items + n, messages + 1
+            if kept and items - n >= room and (back or items > room):
+                back.append(env)
+            else:
+                kept.append(env)
+        if messages:
+            self._items_per_message = 0.5 * self._items_per_message + 0.5 * (items / messages)
+        if back:
+            self._requeue(back)
+        return kept
+
+    def _refused_at_intake(self, p: _Popped) -> None:
+        """A message the pop script dead-lettered (it could not be filed for kombu's restore): its
+        client, where the id can be read, gets a FAILURE naming the reason."""
+        job_id = recover_id(p.message)
+        log.warning(
+            "a message on %s was moved to the dead-letter queue as %s: %s", p.queue, p.tag, printable(p.reason)
+        )
+        env = Envelope(p.message, id=job_id, queue=p.queue)
+        outcome = Outcome(env, "FAILURE" if job_id else "", InvalidJob(f"message refused: {p.reason}"))
+        outcome.dead_letter = None  # the pop script already wrote the dead letter
+        if self.on_outcome is not None:
+            self.on_outcome(None, Outcome(env, "", dead_letter=p.reason))
+        if job_id:
+            self.events.failed(job_id, outcome.result, None)
+            self.writer.put(outcome)
+
     def _urgency(self, job: JobBase) -> float:
         """Bulk rows wait behind every interactive item in the batchers, not only in Redis."""
         entry = self._inflight.get(id(job))
@@ -412,30 +644,42 @@ class Ingest:
             return -1.0
         return float(job.priority)
 
-    def _lookups(self, ids: list[str]) -> tuple[set[str], set[str]]:
-        """Jobs already finished (a redelivered duplicate) and jobs cancelled: one round trip."""
+    def _lookups(self, ids: list[str]) -> tuple[set[str], set[str], dict[str, int]]:
+        """Jobs already finished (a redelivered duplicate), jobs cancelled, and how often each
+        was delivered (this time included): one round trip."""
         if not ids:
-            return set(), set()
+            return set(), set(), {}
+        keys = [wire_bytes(i) for i in ids]
         pipe = self.client.pipeline(transaction=False)
-        pipe.mget([RESULT_KEY_PREFIX + i for i in ids])
-        pipe.mget([CANCEL_KEY_PREFIX + i for i in ids])
-        results, cancels = pipe.execute()
+        pipe.mget([RESULT_KEY_PREFIX.encode() + k for k in keys])
+        pipe.mget([CANCEL_KEY_PREFIX.encode() + k for k in keys])
+        for k in keys:
+            pipe.incr(DELIVERIES_KEY_PREFIX.encode() + k)
+            pipe.expire(DELIVERIES_KEY_PREFIX.encode() + k, self.result_ttl_s)
+        replies = pipe.execute()
+        results, cancels, counts = replies[0], replies[1], replies[2::2]
         finished = {i for i, r in zip(ids, results) if r is not None and b'"status":"SUCCESS"' in r.replace(b" ", b"")}
         cancelled = {i for i, c in zip(ids, cancels) if c is not None}
-        return finished, cancelled
+        return finished, cancelled, {i: int(c) for i, c in zip(ids, counts)}
 
     def _admit(self, env: Envelope, received: float, finished: set[str], cancelled: set[str]) -> InFlight | None:
         if not env.ok:
             raise _Refused(env.error or "malformed message")
         job_type = TASK_TYPES.get(env.task or "")
         if job_type is None:
-            raise _Refused(f"task {env.task!r} is not served by inference workers (queue {env.queue!r})")
+            task = printable(env.task or "")
+            raise _Refused(f"task {task!r} is not served by inference workers (queue {env.queue!r})")
         assert env.id is not None
         if env.id in finished:  # redelivered after its result was written: acknowledge, do not run again
             self.writer.put(Outcome(env, ""))
             return None
         if env.id in cancelled or env.id in self.revoked:
             raise JobCancelled(f"job {env.id} was cancelled before it ran")
+        if env.deliveries > self.max_deliveries:
+            raise _Refused(
+                f"delivered {env.deliveries} times without finishing (a time limit of {self.time_limit_s:.0f}s, "
+                f"or workers that died holding it); CONVEYOR_MAX_DELIVERIES is {self.max_deliveries}"
+            )
         if env.expires is not None and _passed(env.expires):
             raise JobExpired(f"job {env.id} expired at {env.expires} before it ran")
         job = validate_job(JOB_MODELS[job_type], job_data(env.args, env.kwargs), env.id)
@@ -457,6 +701,7 @@ class Ingest:
         entry = self._inflight.get(id(job))
         if entry is None:
             return  # given up after its time limit: its redelivery will write the result
+        self.progress_at = time.monotonic()
         runtime = time.monotonic() - entry.started
         env = entry.env
         if isinstance(out, BaseException):
@@ -472,13 +717,16 @@ class Ingest:
             self.events.succeeded(env.id or "", out, runtime)
             outcome = Outcome(env, "SUCCESS", out, runtime, key=id(job))
         if self.on_outcome is not None:
-            self.on_outcome(entry, outcome)
+            try:
+                self.on_outcome(entry, outcome)
+            except Exception:  # metrics must never lose a result
+                log.exception("outcome observer failed")
         self.writer.put(outcome)
 
     def _schedule_retry(self, entry: InFlight) -> None:
         # Exponential backoff with full jitter; the job stays held (and leased) meanwhile.
         delay = random.uniform(0, self.retry_backoff_s * 2 ** (entry.attempts - 1))
-        log.warning("job %s failed transiently; retry %d in %.2fs", entry.id, entry.attempts, delay)
+        log.warning("job %s failed transiently; retry %d in %.2fs", printable(entry.id or "?"), entry.attempts, delay)
         if self.on_retry is not None:
             self.on_retry(entry)
         with self._room:
@@ -491,6 +739,7 @@ class Ingest:
         with self._room:
             while self._retries and self._retries[0][0] <= now:
                 due.append(heapq.heappop(self._retries)[2])
+        due = [e for e in due if id(e.job) in self._inflight]  # not given up meanwhile
         if due:
             self.runtime.submit([e.job for e in due], self._done, self._urgency)
 
@@ -523,21 +772,31 @@ class Ingest:
                     self._items = max(0, self._items - entry.items)
             self._room.notify_all()
 
-    # -- shutdown ---------------------------------------------------------------------------------------
+    # -- putting messages back ---------------------------------------------------------------------------
     def _requeue(self, envs: list[Envelope]) -> None:
-        """Put unfinished jobs back at the head of their queues, as kombu does at shutdown."""
+        """Put messages back at the head of the lists they came from (oldest at the head), and
+        out of kombu's unacked structures, in one MULTI."""
         pipe = self.client.pipeline(transaction=True)
-        for env in envs:
-            queue = env.queue or ""
-            pri = env.priority if env.priority in CELERY_PRIORITIES else 0
-            pipe.rpush(priority_list(queue, pri), env.raw)
+        for env in reversed(envs):
+            if env.list_key is None:
+                continue  # never a made-up key: without its list it stays unacked for kombu's restore
+            pipe.rpush(env.list_key, wire_bytes(env.raw))
             if env.tag:
                 pipe.zrem(UNACKED_INDEX_KEY, env.tag)
                 pipe.hdel(UNACKED_KEY, env.tag)
         try:
             pipe.execute()
         except redis.RedisError as exc:  # they stay unacked: the visibility timeout brings them back
-            log.warning("could not requeue %d jobs at shutdown: %s", len(envs), exc)
+            log.warning("could not put %d jobs back on their queues: %s", len(envs), exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _Popped:
+    tag: str  # unacked key; for a dead-lettered message, the dead letter's id
+    message: str
+    list_key: str
+    queue: str
+    reason: str  # "" when filed; else why it was dead-lettered at intake
 
 
 class _Refused(InvalidJob):

@@ -100,8 +100,14 @@ def plan(devices: list[str], settings: Settings, inference: bool = True, trainin
     return specs
 
 
-# Seconds a Celery worker gets to stop warm (jobs in flight go back to the queue) before SIGKILL.
-STOP_TIMEOUT_S = 6.0
+# Seconds a Celery worker gets to stop warm beyond its own drain (CONVEYOR_DRAIN_TIMEOUT_S: held
+# jobs finish, the rest go back to their queues) before SIGKILL: Celery's own shutdown and the
+# last writes.
+STOP_MARGIN_S = 15.0
+
+
+def stop_timeout(settings: Settings) -> float:
+    return settings.drain_timeout_s + STOP_MARGIN_S
 
 
 def heartbeat_path(home: Path, node: str) -> Path:
@@ -132,7 +138,7 @@ def supervise(
         beat = heartbeat_path(settings.home, spec.node)
         env = spec.env() | ({"CONVEYOR_HEARTBEAT_FILE": str(beat)} if inference else {})
         child = ChildSpec(
-            spec.node, spec.command(loglevel), env=env, restart=True, stop_timeout=STOP_TIMEOUT_S,
+            spec.node, spec.command(loglevel), env=env, restart=True, stop_timeout=stop_timeout(settings),
             new_session=False,
             # Alive but not consuming (a wedged ingest loop): its heartbeat goes stale, and it is restarted.
             health=partial(heartbeat_fresh, beat, settings.worker_stall_s) if inference else None,

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 
+from shared.wire_text import is_text
+
 log = logging.getLogger(__name__)
 
 UNACKED_INDEX_KEY = "unacked_index"  # kombu's default key name
@@ -40,8 +42,11 @@ class LeaseKeeper:
     def stop(self) -> None:
         self._stop.set()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self._stop.is_set()
+
     def renew(self) -> int:
-        tags = [t for t in self.held_tags() if t]
+        tags = [t for t in self.held_tags() if t and is_text(t)]
         if not tags:
             return 0
         now = time.time()
@@ -54,3 +59,5 @@ class LeaseKeeper:
                 self.renew()
             except redis.RedisError as exc:  # Redis briefly away: try again next round
                 log.warning("lease renewal failed: %s", exc)
+            except Exception:  # anything else fails this round only: the keeper never dies
+                log.exception("lease renewal failed")

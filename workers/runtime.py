@@ -79,6 +79,8 @@ class Runtime:
         self._kinds: dict[str, JobKind] = {}
         self._batchers: dict[str, Batcher[Any, Any]] = {}
         self._lock = threading.Lock()
+        self._gathers: dict[int, _Gather] = {}  # id(job) -> its items in a batcher
+        self._cancelled: set[int] = set()  # id(job) of jobs given up before their items were queued
         # Slow preparation (audio decoding) runs here, in parallel with the model.
         self._slow = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
 
@@ -153,6 +155,12 @@ class Runtime:
         started: float,
         rank: Callable[[JobBase], float],
     ) -> None:
+        if self._cancelled:
+            with self._lock:
+                given_up = [job for job in jobs if id(job) in self._cancelled]
+                self._cancelled.difference_update(id(job) for job in given_up)
+            if given_up:
+                jobs = [job for job in jobs if id(job) not in {id(g) for g in given_up}]
         try:
             prepared = kind.prepare(jobs)
         except Exception as exc:
@@ -163,7 +171,25 @@ class Runtime:
                 done(job, prep)
                 continue
             gather = _Gather(self, kind, job, prep, done, picked_at, started)
+            with self._lock:
+                self._gathers[id(job)] = gather
             gather.attach(batcher.submit_many(prep.items, rank(job)))
+
+    def cancel(self, job: JobBase) -> None:
+        """Give up ``job``: its items still waiting in a batcher are dropped (a batch already on
+        the device finishes; its output is discarded), and ``done`` is not called for it."""
+        with self._lock:
+            gather = self._gathers.pop(id(job), None)
+            if gather is None:
+                self._cancelled.add(id(job))  # still being prepared (audio decoding): skipped there
+                if len(self._cancelled) > 10_000:  # ids of jobs that were never going to start
+                    self._cancelled.clear()
+                return
+        gather.cancel()
+
+    def _finished(self, job: JobBase) -> None:
+        with self._lock:
+            self._gathers.pop(id(job), None)
 
     def run(self, job: JobBase, timeout: float | None = None) -> dict[str, Any]:
         """One job, waiting for its result (Celery's per-task path uses this)."""
@@ -193,7 +219,9 @@ class _Gather:
     """Collects one job's item outputs; the job is done when the last one is in, or failed
     at its first error (in item order is not kept: the first to arrive wins)."""
 
-    __slots__ = ("runtime", "kind", "job", "prep", "done", "picked_at", "started", "outs", "sizes", "left", "lock")
+    __slots__ = (
+        "runtime", "kind", "job", "prep", "done", "picked_at", "started", "outs", "sizes", "left", "lock", "futures",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -212,10 +240,18 @@ class _Gather:
         self.sizes: list[int] = [0] * n
         self.left = n
         self.lock = threading.Lock()
+        self.futures: list[Future[Batched[Any]]] = []
 
     def attach(self, futures: list[Future[Batched[Any]]]) -> None:
+        self.futures = futures
         for i, future in enumerate(futures):
             future.add_done_callback(partial(self._item_done, i))
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.left = 0  # done() is not called for a job given up
+        for future in self.futures:
+            future.cancel()
 
     def _item_done(self, i: int, future: Future[Batched[Any]]) -> None:
         exc = future.exception() if not future.cancelled() else RuntimeError("item cancelled")
@@ -232,6 +268,7 @@ class _Gather:
                 self.left -= 1
                 if self.left:
                     return
+        self.runtime._finished(self.job)
         if exc is not None:
             self.done(self.job, exc)
             return

@@ -15,9 +15,15 @@ import threading
 from typing import Any, Literal
 
 from celery import Celery
-from kombu.utils.encoding import safe_repr
+from celery.utils.saferepr import saferepr
+
+from shared.wire_text import printable
 
 log = logging.getLogger(__name__)
+
+# Celery's own bound for argsrepr/kwargsrepr; saferepr stops walking a structure at the limit,
+# so a 10 MB job costs no more to describe than a small one.
+REPR_CHARS = 1024
 
 EventPolicy = Literal["all", "failures", "none"]
 
@@ -47,7 +53,7 @@ class TaskEvents:
         self._add(
             "task-received",
             {
-                "uuid": task_id, "name": name, "args": safe_repr(args, 256), "kwargs": safe_repr(kwargs, 256),
+                "uuid": task_id, "name": name, "args": _repr(args), "kwargs": _repr(kwargs),
                 "root_id": task_id, "parent_id": None, "retries": retries, "eta": None, "expires": None,
                 "timestamp": at,
             },
@@ -56,12 +62,12 @@ class TaskEvents:
 
     def succeeded(self, task_id: str, result: Any, runtime: float) -> None:
         if self.policy == "all":
-            self._add("task-succeeded", {"uuid": task_id, "result": safe_repr(result, 256), "runtime": runtime})
+            self._add("task-succeeded", {"uuid": task_id, "result": _repr(result), "runtime": runtime})
 
     def failed(self, task_id: str, exc: BaseException, name: str | None = None) -> None:
         if self.policy == "none":
             return
-        fields: dict[str, Any] = {"uuid": task_id, "exception": safe_repr(exc, 1024), "traceback": None}
+        fields: dict[str, Any] = {"uuid": task_id, "exception": _repr(exc), "traceback": None}
         if name and self.policy == "failures":  # no task-received came before: name the task here
             fields["name"] = name
         self._add("task-failed", fields)
@@ -101,3 +107,11 @@ class TaskEvents:
                 connection.release()
         except Exception:
             pass
+
+
+def _repr(value: Any) -> str:
+    """A bounded repr that is valid text whatever the value holds."""
+    try:
+        return printable(saferepr(value, maxlen=REPR_CHARS), REPR_CHARS + 10)
+    except Exception:  # a value whose repr raises is still described
+        return f"<{type(value).__name__}>"
