@@ -26,7 +26,7 @@ from celery.worker import state as worker_state
 from kombu import Queue
 
 from shared.celery_config import celery_config
-from shared.names import BULK_QUEUES, INFERENCE_QUEUES
+from shared.names import BULK_QUEUES, INFERENCE_QUEUES, TRAINING_QUEUE
 from shared.redis_clients import reuse_redis_clients
 from shared.settings import Settings
 from workers.leases import LeaseKeeper
@@ -86,14 +86,14 @@ def _take_inference_queues(sender: str, instance: Any, **_: Any) -> None:
     if not settings.ingest:
         return
     consumed = set(app.amqp.queues.consume_from)
-    mine = [q for q in (*INFERENCE_QUEUES, *BULK_QUEUES.values()) if q in consumed]
+    mine = [q for q in (*INFERENCE_QUEUES, *BULK_QUEUES.values(), TRAINING_QUEUE) if q in consumed]
     if not mine:
         return
     process.ingest_queues = mine
     app.amqp.queues.deselect(mine)
     # Celery's consumer needs a queue of its own: its loop runs control commands and kombu's
     # restore of messages whose worker died.
-    app.amqp.queues.select_add(Queue(f"conveyor.direct.{sender}", routing_key=f"conveyor.direct.{sender}"))
+    app.amqp.queues.select_add(Queue(direct_queue(sender), routing_key=direct_queue(sender)))
 
 
 @worker_control.inspect_command()
@@ -139,10 +139,21 @@ def _start(sender: Any = None, **_: Any) -> None:
     process.leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
 
 
+def direct_queue(hostname: str) -> str:
+    return f"conveyor.direct.{hostname}"
+
+
+def _celery_busy() -> bool:
+    return bool(worker_state.active_requests or worker_state.reserved_requests)
+
+
 def _start_ingest(hostname: str) -> None:
     from workers.ingest import Ingest
     from workers.task_events import TaskEvents
 
+    if process.ingest_queues == [TRAINING_QUEUE]:
+        _start_training_intake(hostname)
+        return
     rt = runtime()
     if "conveyor.classify" in process.ingest_queues:
         try:  # load the default model now, so the first jobs do not pay for it
@@ -171,6 +182,37 @@ def _start_ingest(hostname: str) -> None:
         on_retry=_on_retry,
     ).start()
     log.info("bulk ingest serving %s", ", ".join(process.ingest_queues))
+
+
+def _start_training_intake(hostname: str) -> None:
+    """Training messages through the ingest's intake, one at a time while Celery is idle, then
+    handed to Celery's own task path on this worker's private queue (``workers.training_intake``)."""
+    from workers.ingest import TRAINING_TYPES, Ingest
+    from workers.task_events import TaskEvents
+    from workers.training_intake import CeleryHandoff
+
+    handoff = CeleryHandoff(app, direct_queue(hostname), _celery_busy)
+    url = settings.broker_url()
+    process.ingest = Ingest(
+        redis.Redis.from_url(url),
+        handoff,  # type: ignore[arg-type]
+        redis.Redis.from_url(url),
+        TaskEvents(app, hostname, "failures"),  # Celery's worker sends the events of the jobs it runs
+        hostname=hostname,
+        queues=[TRAINING_QUEUE],
+        bulk_queues=[],
+        prefetch_items=1,
+        result_ttl_s=settings.result_ttl_s,
+        time_limit_s=max(60.0, settings.inference_time_limit_s),  # held only until handed off
+        max_retries=settings.max_retries,
+        retry_backoff_s=settings.retry_backoff_s,
+        max_deliveries=settings.max_deliveries,
+        job_types=TRAINING_TYPES,
+        accept=handoff.idle,
+        idle_poll_s=max(0.05, settings.idle_poll_ms / 1000.0),
+        revoked=worker_state.revoked,
+    ).start()
+    log.info("training intake serving %s", TRAINING_QUEUE)
 
 
 def _heartbeat(path: Path) -> None:

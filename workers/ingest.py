@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from shared import dead_letters
 from shared.errors import ConveyorError, InvalidJob, JobCancelled, JobExpired, describe_validation_error
-from shared.jobs import ClassifyJob, JobBase, RecommendJob, TranscribeJob
+from shared.jobs import JOB_MODELS, ClassifyJob, JobBase, RecommendJob
 from shared.names import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_KEY,
@@ -61,8 +61,11 @@ _COALESCE_S = 0.001
 BULK_IN_FLIGHT = 2
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
 
-JOB_MODELS: dict[str, type[JobBase]] = {"classify": ClassifyJob, "transcribe": TranscribeJob, "recommend": RecommendJob}
-TASK_TYPES: dict[str, str] = {TASKS[t]: t for t in JOB_MODELS}
+INFERENCE_TYPES: tuple[str, ...] = ("classify", "transcribe", "recommend")
+TRAINING_TYPES: tuple[str, ...] = ("train", "fine-tune")
+# A runtime's ``done`` value for a job passed on whole to Celery's own task path (training): the
+# message is acknowledged here, with no result; Celery's worker writes that.
+HANDED_OFF: Any = object()
 
 # KEYS: unacked, unacked_index, dead-letter hash, dead-letter order. The lists, in the order
 # they are served (interactive, then bulk), and their queues are written into the script
@@ -368,6 +371,8 @@ class Ingest:
         max_retries: int,
         retry_backoff_s: float,
         max_deliveries: int = 5,
+        job_types: Sequence[str] = INFERENCE_TYPES,
+        accept: Callable[[], bool] | None = None,
         idle_poll_s: float = 0.005,
         revoked: Container[str] = frozenset(),
         on_active: Callable[[InFlight, bool], None] | None = None,
@@ -389,6 +394,8 @@ class Ingest:
         self.on_active = on_active
         self.on_outcome = on_outcome
         self.on_retry = on_retry
+        self._task_types = {TASKS[t]: t for t in job_types}
+        self._accept = accept  # False: take nothing now (a training worker whose Celery side is busy)
         self._lists = served_lists(queues, bulk_queues)
         self._interactive = len(queues) * len(CELERY_PRIORITIES)
         self._bulk_queues = frozenset(bulk_queues)
@@ -540,7 +547,7 @@ class Ingest:
             ) and not self._stop.is_set():
                 self._room.wait(0.5)
                 self.beat = time.monotonic()  # waiting for the batches to make room is alive
-            if self._stop.is_set():
+            if self._stop.is_set() or (self._accept is not None and not self._accept()):
                 return 0, 0
             return self.prefetch_items - self._items, BULK_IN_FLIGHT - self._bulk
 
@@ -665,10 +672,10 @@ class Ingest:
     def _admit(self, env: Envelope, received: float, finished: set[str], cancelled: set[str]) -> InFlight | None:
         if not env.ok:
             raise _Refused(env.error or "malformed message")
-        job_type = TASK_TYPES.get(env.task or "")
+        job_type = self._task_types.get(env.task or "")
         if job_type is None:
             task = printable(env.task or "")
-            raise _Refused(f"task {task!r} is not served by inference workers (queue {env.queue!r})")
+            raise _Refused(f"task {task!r} is not served from queue {env.queue!r}")
         assert env.id is not None
         if env.id in finished:  # redelivered after its result was written: acknowledge, do not run again
             self.writer.put(Outcome(env, ""))
@@ -704,6 +711,9 @@ class Ingest:
         self.progress_at = time.monotonic()
         runtime = time.monotonic() - entry.started
         env = entry.env
+        if out is HANDED_OFF:  # Celery's worker runs it and writes its result: acknowledge only
+            self.writer.put(Outcome(env, "", key=id(job)))
+            return
         if isinstance(out, BaseException):
             if getattr(out, "retryable", False) and entry.attempts < self.max_retries:
                 entry.attempts += 1
