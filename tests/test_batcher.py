@@ -209,6 +209,11 @@ def test_policy_rejects_nonsense() -> None:
         BatchPolicy(max_wait_s=-1)
     with pytest.raises(ValueError):
         BatchPolicy(token_budget=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(background_batch_size_when_busy=0)
+    for window in (-1.0, float("nan")):
+        with pytest.raises(ValueError):
+            BatchPolicy(busy_window_s=window)
 
 
 def test_urgent_items_overtake_waiting_bulk_items() -> None:
@@ -245,7 +250,8 @@ def test_background_items_never_ride_in_an_urgent_batch() -> None:
         seen.append(list(items))
         return items
 
-    with Batcher(run, BatchPolicy(max_batch_size=4, max_wait_s=0.0)) as b:
+    # busy_window_s 0: bulk batches stay full-size after the urgent item (the shrinking is tested below).
+    with Batcher(run, BatchPolicy(max_batch_size=4, max_wait_s=0.0, busy_window_s=0.0)) as b:
         first = b.submit("first", priority=-1)
         time.sleep(0.1)
         bulk = b.submit_many([f"bulk{i}" for i in range(5)], priority=-1)
@@ -270,3 +276,151 @@ def test_out_of_memory_even_for_one_item_becomes_a_transient_error() -> None:
     assert isinstance(as_transient(ConnectionResetError("peer reset")), TransientError)
     plain = ValueError("bad input")
     assert as_transient(plain) is plain  # anything else is not retried
+
+
+# -- bulk batches shrink while interactive items come -------------------------------------------
+
+
+class Gated:
+    """A runner that holds the batching thread on its first batch until ``release`` is set, and
+    records every batch (names) in order."""
+
+    def __init__(self, per_item_s: float = 0.0) -> None:
+        self.release = threading.Event()
+        self.running = threading.Event()
+        self.batches: list[list[str]] = []
+        self.per_item_s = per_item_s
+
+    def __call__(self, items: list[str]) -> list[str]:
+        if not self.batches and not self.running.is_set():
+            self.running.set()
+            self.release.wait(5)
+        self.batches.append(list(items))
+        if self.per_item_s:
+            time.sleep(self.per_item_s * len(items))
+        return items
+
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+
+def _bulk(n: int, start: int = 0) -> list[str]:
+    return [f"bulk{i}" for i in range(start, start + n)]
+
+
+def test_background_limits_when_busy_follow_the_policy() -> None:
+    assert BatchPolicy(max_batch_size=32, token_budget=8192).background_limits_when_busy() == (4, 1024)
+    assert BatchPolicy(max_batch_size=4).background_limits_when_busy() == (1, None)
+    assert BatchPolicy(max_batch_size=8, background_batch_size_when_busy=100).background_limits_when_busy() == (8, None)
+    assert BatchPolicy(
+        max_batch_size=8, token_budget=10, background_batch_size_when_busy=1
+    ).background_limits_when_busy() == (
+        1,
+        1,
+    )
+
+
+def test_bulk_alone_runs_in_full_batches() -> None:
+    runner = Gated()
+    with Batcher(runner, BatchPolicy(max_batch_size=16, max_wait_s=0.0)) as b:
+        first = b.submit("first", priority=-1)
+        assert runner.running.wait(5)
+        rest = b.submit_many(_bulk(64), priority=-1)
+        runner.release.set()
+        for f in [first, *rest]:
+            f.result(timeout=5)
+        assert b.stats.background_batches_when_busy == 0
+    assert runner.sizes() == [1, 16, 16, 16, 16]
+
+
+def test_bulk_batches_shrink_while_interactive_items_come_and_grow_back_after() -> None:
+    runner = Gated()
+    policy = BatchPolicy(max_batch_size=16, max_wait_s=0.0, busy_window_s=1.0)  # small size: 16 // 8 = 2
+    with Batcher(runner, policy) as b:
+        first = b.submit("first", priority=-1)
+        assert runner.running.wait(5)
+        bulk = b.submit_many(_bulk(10), priority=-1)
+        urgent = b.submit("urgent", priority=0)
+        runner.release.set()
+        for f in [first, *bulk, urgent]:
+            f.result(timeout=5)
+        assert runner.batches[1] == ["urgent"]
+        assert runner.sizes()[2:] == [2, 2, 2, 2, 2]  # the next interactive item waits behind 2 rows, not 16
+        assert [x for batch in runner.batches[2:] for x in batch] == _bulk(10)  # bulk keeps its order
+        assert b.stats.background_batches_when_busy == 5
+
+        time.sleep(1.1)  # no interactive item for the window: full batches again
+        runner.batches.clear()
+        runner.release.clear()
+        runner.running.clear()
+        lead = b.submit("lead", priority=-1)
+        assert runner.running.wait(5)
+        later = b.submit_many(_bulk(32, 10), priority=-1)
+        runner.release.set()
+        for f in [lead, *later]:
+            f.result(timeout=5)
+    assert runner.sizes() == [1, 16, 16]
+
+
+def test_the_token_budget_shrinks_with_the_size_while_busy() -> None:
+    runner = Gated()
+    # 4 items while busy, and a budget of 16 x 4 / 8 = 8 padded tokens: items of cost 3 go two at a time.
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0, token_budget=16, background_batch_size_when_busy=4)
+    runner.running.set()  # no gate
+    with Batcher(runner, policy, cost=lambda _item: 3) as b:
+        b.submit("urgent", priority=5).result(timeout=5)
+        assert runner.batches == [["urgent"]]
+        runner.batches.clear()
+        futures = b.submit_many(_bulk(6), priority=-1)
+        for f in futures:
+            f.result(timeout=5)
+    assert runner.sizes() == [2, 2, 2]
+
+
+def test_an_interactive_item_joins_a_gathering_bulk_batch_which_then_runs_at_once() -> None:
+    runner = Gated()
+    runner.running.set()  # no gate: every batch runs as it comes
+    with Batcher(runner, BatchPolicy(max_batch_size=16, max_wait_s=10.0)) as b:
+        bulk = b.submit_many(_bulk(3), priority=-1)
+        time.sleep(0.1)  # the batch is gathering: 3 of 16, up to 10 s to fill
+        started = time.monotonic()
+        urgent = b.submit("urgent", priority=3)
+        assert urgent.result(timeout=5).batch_size == 4
+        assert time.monotonic() - started < 2.0  # not the 10 s the bulk batch would have waited
+        for f in bulk:
+            f.result(timeout=5)
+    assert runner.batches == [["bulk0", "bulk1", "bulk2", "urgent"]]
+
+
+def test_interactive_items_never_wait_behind_more_than_a_small_bulk_batch() -> None:
+    # A bulk run keeps the queue full; interactive items come one at a time, as a user's would.
+    runner = Gated(per_item_s=0.002)
+    runner.running.set()
+    policy = BatchPolicy(max_batch_size=16, max_wait_s=0.005, busy_window_s=5.0)
+    stop = threading.Event()
+    with Batcher(runner, policy) as b:
+
+        def feed_bulk() -> None:
+            n = 0
+            while not stop.is_set():
+                pending = b.submit_many(_bulk(32, n), priority=-1)
+                n += 32
+                wait(pending[:16], timeout=5)  # keep about two batches queued
+
+        feeder = threading.Thread(target=feed_bulk)
+        feeder.start()
+        try:
+            time.sleep(0.1)
+            for i in range(10):
+                b.submit(f"user{i}", priority=0).result(timeout=5)
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            feeder.join(10)
+    order = runner.batches
+    with_user = [i for i, batch in enumerate(order) if any(x.startswith("user") for x in batch)]
+    assert len(with_user) == 10
+    assert max(len(order[i]) for i in range(with_user[0])) == 16  # bulk alone ran full before the first
+    for i in with_user[1:]:  # once interactive items come, the batch before each holds at most 16 // 8 rows
+        bulk_before = [x for x in order[i - 1] if x.startswith("bulk")]
+        assert len(bulk_before) <= 2, order[i - 1]

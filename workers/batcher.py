@@ -8,12 +8,22 @@ place of a result fails that item alone). If ``run_batch`` raises, the batch is 
 halves and each half retried, down to single items, before any item is failed: one poisonous
 input cannot sink its batch-mates, and a batch too large for the device's memory (an
 out-of-memory error) runs as smaller ones.
+
+Background items (priority < 0: bulk scoring) yield to interactive ones (priority >= 0): they
+wait behind them, never join a batch one leads, and while interactive items keep coming
+(one submitted within ``busy_window_s``) a batch that a background item leads stays small
+(``background_batch_size_when_busy``, the token budget in proportion). A forward pass cannot
+be interrupted, so what an interactive item waits for is the batch already running: a small
+one while the two kinds mix, a full one only for the first item after a quiet spell. With no
+interactive item for the window, bulk batches are full again: throughput is unchanged for
+bulk alone.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -38,6 +48,12 @@ class BatchPolicy:
     # Padded cost: len(batch) * max(item cost) stays within it, which is what a padded
     # forward pass actually computes. None: no budget.
     token_budget: int | None = None
+    # While an interactive item (priority >= 0) was submitted within the last busy_window_s, a
+    # batch led by a background item (priority < 0) holds at most this many items (None:
+    # max(1, max_batch_size // 8)) and token_budget x this / max_batch_size padded tokens, so an
+    # interactive item waits behind a small bulk batch, not a full one. busy_window_s 0: never.
+    background_batch_size_when_busy: int | None = None
+    busy_window_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -46,6 +62,18 @@ class BatchPolicy:
             raise ValueError("max_wait_s must be >= 0")
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError("token_budget must be >= 1")
+        if self.background_batch_size_when_busy is not None and self.background_batch_size_when_busy < 1:
+            raise ValueError("background_batch_size_when_busy must be >= 1")
+        if not self.busy_window_s >= 0:  # NaN too
+            raise ValueError("busy_window_s must be >= 0")
+
+    def background_limits_when_busy(self) -> tuple[int, int | None]:
+        """(most items, token budget) of a background batch while interactive items come."""
+        size = self.background_batch_size_when_busy or max(1, self.max_batch_size // 8)
+        size = min(size, self.max_batch_size)
+        if self.token_budget is None:
+            return size, None
+        return size, max(1, self.token_budget * size // self.max_batch_size)
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,8 @@ class BatchStats:
     items: int = 0
     sizes: Counter[int] = field(default_factory=Counter)
     whole_batch_failures: int = 0
+    # Batches a background item led while interactive items were coming (held to the small size).
+    background_batches_when_busy: int = 0
 
     def record(self, size: int) -> None:
         self.batches += 1
@@ -100,6 +130,8 @@ class Batcher(Generic[I, O]):
         self._queue: queue.PriorityQueue[tuple[float, int, object]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._carry: _Pending[I, O] | None = None  # an item that did not fit the last batch's budget
+        # time.monotonic() of the last interactive submit (a float store: atomic, no lock needed).
+        self._last_interactive = -math.inf
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # Called after each forward pass with its size and whether it raised as a whole (metrics).
@@ -131,13 +163,16 @@ class Batcher(Generic[I, O]):
     def submit(self, item: I, priority: float = 0) -> Future[Batched[O]]:
         """Queue one item; among waiting items a higher ``priority`` goes into a batch first
         (Conveyor's job priorities, 0-9). Items below 0 are background work (bulk scoring): they
-        fill batches of their own, never one that an item of priority 0 or more leads."""
+        fill batches of their own, never one that an item of priority 0 or more leads, and stay
+        small while items of priority 0 or more keep coming (``BatchPolicy.busy_window_s``)."""
         future: Future[Batched[O]] = Future()
         try:
             cost = max(1, int(self._cost(item)))
         except Exception as exc:  # a cost function that chokes on an item fails that item only
             future.set_exception(exc)
             return future
+        if priority >= 0:
+            self._last_interactive = time.monotonic()  # before it is queued: the collector sees it busy
         self._queue.put((-priority, next(self._seq), _Pending(item, cost, future, priority)))
         return future
 
@@ -177,10 +212,17 @@ class Batcher(Generic[I, O]):
         if first.future.set_running_or_notify_cancel():
             batch.append(first)
             max_cost = first.cost
-        deadline = time.monotonic() + self.policy.max_wait_s
-        budget = self.policy.token_budget
-        while len(batch) < self.policy.max_batch_size:
-            nxt = self._next(deadline - time.monotonic())
+        now = time.monotonic()
+        deadline = now + self.policy.max_wait_s
+        limit, budget = self.policy.max_batch_size, self.policy.token_budget
+        background = first.priority < 0
+        closing = False  # an interactive item joined this background batch: take no more bulk, wait no more
+        if background and now - self._last_interactive < self.policy.busy_window_s:
+            # Interactive items are coming: whichever arrives next waits behind this batch.
+            limit, budget = self.policy.background_limits_when_busy()
+            self.stats.background_batches_when_busy += 1
+        while len(batch) < limit:
+            nxt = self._next(0 if closing else deadline - time.monotonic())
             if nxt is None:
                 break
             if nxt is _STOP:
@@ -190,7 +232,7 @@ class Batcher(Generic[I, O]):
             if budget is not None and batch and (len(batch) + 1) * max(max_cost, nxt.cost) > budget:
                 self._carry = nxt  # it leads the next batch
                 break
-            if first.priority >= 0 > nxt.priority:
+            if (first.priority >= 0 or closing) and nxt.priority < 0:
                 # Background items (priority < 0, bulk scoring) never ride with urgent ones: the
                 # urgent batch runs at once and small, not at the pace of a full bulk batch.
                 self._carry = nxt
@@ -199,6 +241,11 @@ class Batcher(Generic[I, O]):
                 continue  # cancelled while queued
             batch.append(nxt)
             max_cost = max(max_cost, nxt.cost)
+            if background and nxt.priority >= 0:
+                # An interactive item came while a bulk batch gathered (it sorts before every queued
+                # bulk item): it rides in this batch with the interactive items queued beside it,
+                # and the batch runs now instead of waiting to fill.
+                closing = True
         return batch
 
     def _run(self, batch: list[_Pending[I, O]]) -> None:
