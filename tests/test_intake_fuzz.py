@@ -91,7 +91,8 @@ def raw_entries(draw: st.DrawFn) -> bytes:
     if damage != "none" and data:
         at = draw(st.integers(0, len(data)))
         if damage == "byte":
-            data = data[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"])) + data[at:]
+            bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]))
+            data = data[:at] + bad + data[at:]
         elif damage == "control":
             data = data[:at] + draw(st.sampled_from([b"\x00", b"\x01", b"\n", b"\x1f"])) + data[at:]
         else:
@@ -127,7 +128,7 @@ def test_every_entry_is_filed_restorably_or_dead_lettered(
             assert first_non_text([env.args, env.kwargs]) is None
         recover_id(text)  # never raises either
         if reason:
-            letter = json.loads(r.hget(DEAD_LETTER_KEY, tag))
+            letter = json.loads(r.hget(DEAD_LETTER_KEY, tag) or b"null")
             assert letter["reason"] == reason.decode() and letter["queue"] == QUEUE
             if not letter["truncated"]:
                 assert letter["message"].encode("utf-8", "surrogateescape") == msg  # kept byte for byte

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 _IDLE_FIRST_S = 0.0005
 _COALESCE_BELOW = 16
 _COALESCE_S = 0.001
+_LIMITS_EVERY_S = 0.5  # how often the pull loop looks for jobs past their time limit
 # Bulk messages held at once: two, so the next chunk is tokenized and queued while one runs.
 BULK_IN_FLIGHT = 2
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
@@ -415,6 +416,7 @@ class Ingest:
         self.beat = time.monotonic()  # when the pull loop last turned: the worker's liveness
         self.progress_at = time.monotonic()  # when a held job last moved (a result written, a batch run)
         self.timed_out = 0  # jobs given up at their time limit (counted for metrics and tests)
+        self._limits_checked = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Ingest:
@@ -472,20 +474,19 @@ class Ingest:
 
     # -- what the lease keeper renews ---------------------------------------------------------------
     def held_tags(self) -> list[str]:
-        """Delivery tags of the jobs really running here. A job past its time limit is given up:
-        its items still waiting in a batcher are cancelled and it goes back to its queue at once,
-        where its delivery count fails it for good after ``max_deliveries`` (never held or
-        redelivered forever)."""
+        """Delivery tags of the jobs really running here (jobs past their time limit given up first)."""
+        self.check_time_limits()
+        return [entry.env.tag for entry in list(self._inflight.values()) if entry.env.tag]
+
+    def check_time_limits(self) -> None:
+        """A job past its time limit is given up: its items still waiting in a batcher are
+        cancelled and it goes back to its queue at once, where its delivery count fails it for
+        good after ``max_deliveries`` (never held or redelivered forever)."""
         now = time.monotonic()
-        tags = []
+        self._limits_checked = now
         for key, entry in list(self._inflight.items()):
-            if now - entry.started > self.time_limit_s:
-                if self._inflight.pop(key, None) is not None:
-                    self._time_out(entry)
-                continue
-            if entry.env.tag:
-                tags.append(entry.env.tag)
-        return tags
+            if now - entry.started > self.time_limit_s and self._inflight.pop(key, None) is not None:
+                self._time_out(entry)
 
     def _time_out(self, entry: InFlight) -> None:
         self.timed_out += 1
@@ -515,6 +516,8 @@ class Ingest:
             self.beat = time.monotonic()
             try:
                 self._due_retries()
+                if self.beat - self._limits_checked > _LIMITS_EVERY_S:
+                    self.check_time_limits()
                 room, bulk_room = self._wait_for_room()
                 if room <= 0 and bulk_room <= 0:
                     continue
@@ -545,8 +548,10 @@ class Ingest:
             while (
                 (self._items >= self.prefetch_items and self._bulk >= BULK_IN_FLIGHT) or self._draining.is_set()
             ) and not self._stop.is_set():
-                self._room.wait(0.5)
+                self._room.wait(_LIMITS_EVERY_S)
                 self.beat = time.monotonic()  # waiting for the batches to make room is alive
+                if self.beat - self._limits_checked > _LIMITS_EVERY_S:
+                    self.check_time_limits()  # a hung batch is exactly when the room stays full
             if self._stop.is_set() or (self._accept is not None and not self._accept()):
                 return 0, 0
             return self.prefetch_items - self._items, BULK_IN_FLIGHT - self._bulk
