@@ -182,11 +182,18 @@ class Batcher(Generic[I, O]):
     # -- the batching thread -----------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            if batch:
-                self._run(batch)
+            batch: list[_Pending[I, O]] | None = None
+            try:
+                batch = self._collect()
+                if batch is None:
+                    return
+                if batch:
+                    self._run(batch)
+            except Exception as exc:  # the batching thread never dies: this batch fails, the next runs
+                log.exception("%s: batch loop failed", self.name)
+                for pending in batch or []:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
 
     def _next(self, timeout: float | None) -> _Pending[I, O] | object | None:
         if self._carry is not None:
@@ -286,6 +293,8 @@ class Batcher(Generic[I, O]):
 
 
 def _settle(future: Future[Batched[O]], result: O | BaseException, size: int) -> None:
+    if future.done():  # settled already (a batch loop that failed half way): keep the first outcome
+        return
     if isinstance(result, BaseException):
         future.set_exception(result)
     else:

@@ -154,7 +154,10 @@ class WorkerMetrics:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_every_s):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # the flusher never dies: these counts are lost, the next ones are not
+                log.exception("metrics flush failed")
 
     def flush(self) -> bool:
         """Add the counts recorded since the last flush to Redis; False (counts kept) if it failed."""
