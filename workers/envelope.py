@@ -121,6 +121,22 @@ def decode(raw: str) -> Envelope:
     return env
 
 
+def explain_refusal(raw: str, reason: str) -> str:
+    """What the pop script's short ``reason`` means for this message, naming the field where
+    Python can read it (cjson refuses a lone-surrogate escape anywhere, ``argsrepr`` included)."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        return reason
+    env = decode(raw)
+    if env.error is not None and "not valid" in env.error:
+        return env.error
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        return reason
+    where = first_non_text(message)
+    return f"{where} is not valid Unicode text" if where else reason
+
+
 def recover_id(raw: str) -> str | None:
     """The task id of a message that could not be decoded, where one can still be read, so its
     client gets a FAILURE instead of waiting on PENDING forever."""

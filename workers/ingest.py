@@ -47,7 +47,7 @@ from shared.names import (
     priority_list,
 )
 from shared.wire_text import printable, wire_bytes
-from workers.envelope import MAX_MESSAGE_BYTES, Envelope, decode, recover_id
+from workers.envelope import MAX_MESSAGE_BYTES, Envelope, decode, explain_refusal, recover_id
 from workers.result_writer import RESULT_KEY_PREFIX, UNACKED_INDEX_KEY, UNACKED_KEY, Outcome, ResultWriter
 from workers.runtime import Runtime
 from workers.task_events import TaskEvents
@@ -641,7 +641,8 @@ class Ingest:
             "a message on %s was moved to the dead-letter queue as %s: %s", p.queue, p.tag, printable(p.reason)
         )
         env = Envelope(p.message, id=job_id, queue=p.queue)
-        outcome = Outcome(env, "FAILURE" if job_id else "", InvalidJob(f"message refused: {p.reason}"))
+        detail = explain_refusal(p.message, p.reason) if job_id else p.reason
+        outcome = Outcome(env, "FAILURE" if job_id else "", InvalidJob(f"message refused: {detail}"))
         outcome.dead_letter = None  # the pop script already wrote the dead letter
         if self.on_outcome is not None:
             self.on_outcome(None, Outcome(env, "", dead_letter=p.reason))
