@@ -112,6 +112,6 @@ class TaskEvents:
 def _repr(value: Any) -> str:
     """A bounded repr that is valid text whatever the value holds."""
     try:
-        return printable(saferepr(value, maxlen=REPR_CHARS), REPR_CHARS + 10)
+        return printable(saferepr(value, maxlen=REPR_CHARS), REPR_CHARS)
     except Exception:  # a value whose repr raises is still described
         return f"<{type(value).__name__}>"
