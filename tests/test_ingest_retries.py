@@ -173,9 +173,9 @@ def test_the_pop_script_serves_priorities_then_bulk_and_files_every_message(url:
     for pri in reversed(range(10)):  # every Celery priority list, least urgent pushed first
         for queue in ("conveyor.classify", "conveyor.recommend"):
             key = queue if pri == 0 else f"{queue}\x06\x16{pri}"
-            r.lpush(key, json.dumps({"properties": {"delivery_tag": f"{queue}-{pri}"}}))
-    r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-1"}}))
-    r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-2"}}))
+            r.lpush(key, json.dumps({"properties": {"delivery_tag": f"{queue}-{pri}", "priority": pri}}))
+    r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-1", "priority": 0}}))
+    r.lpush("conveyor.bulk.classify", json.dumps({"properties": {"delivery_tag": "bulk-2", "priority": 0}}))
     out = pop(keys=keys, args=[6, 1.0, 20, 2])
     assert out[::4] == [b"conveyor.classify-0", b"conveyor.recommend-0", b"conveyor.classify-1",
                         b"conveyor.recommend-1", b"conveyor.classify-2", b"conveyor.recommend-2"]  # fmt: skip
@@ -187,3 +187,23 @@ def test_the_pop_script_serves_priorities_then_bulk_and_files_every_message(url:
     out = pop(keys=keys, args=[100, 1.0, 20, 1])
     assert out[::4] == [b"bulk-1"]  # then bulk, one message at a time as the room allows
     assert r.hlen("unacked") == 21 and r.zcard("unacked_index") == 21
+
+
+def test_a_message_that_sets_no_priority_waits_with_the_default_priority(url: str) -> None:
+    """kombu files a stock client's message without a priority on the bare list, with the most
+    urgent jobs; Conveyor serves it at its default priority (5) instead, behind more urgent ones."""
+    from workers.ingest import pop_script, served_lists
+
+    r = redis.Redis.from_url(url)
+    pop = r.register_script(pop_script(served_lists(["conveyor.classify"], [])))
+    keys = ["unacked", "unacked_index", DEAD_LETTER_KEY, "conveyor:dlq:order"]
+    r.lpush("conveyor.classify", json.dumps({"properties": {"delivery_tag": "unset-1"}}))
+    r.lpush("conveyor.classify", json.dumps({"properties": {"delivery_tag": "unset-2"}}))
+    r.lpush("conveyor.classify", json.dumps({"properties": {"delivery_tag": "urgent", "priority": 0}}))
+    r.lpush("conveyor.classify\x06\x162", json.dumps({"properties": {"delivery_tag": "seven", "priority": 2}}))
+    r.lpush("conveyor.classify\x06\x164", json.dumps({"properties": {"delivery_tag": "five", "priority": 4}}))
+    r.lpush("conveyor.classify\x06\x166", json.dumps({"properties": {"delivery_tag": "three", "priority": 6}}))
+    out = pop(keys=keys, args=[10, 1.0, 10, 0])
+    # Priority 9 (Celery 0) first, then 7, then the default 5 in arrival order with the unset ones after it, then 3.
+    assert out[::4] == [b"urgent", b"seven", b"five", b"unset-1", b"unset-2", b"three"]
+    assert r.llen("conveyor.classify") == 0 and r.hlen("unacked") == 6

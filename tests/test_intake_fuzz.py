@@ -119,7 +119,7 @@ def test_every_entry_is_filed_restorably_or_dead_lettered(
     filed = []
     for i in range(0, len(out), 4):
         tag, msg, index, reason = out[i], out[i + 1], out[i + 2], out[i + 3]
-        assert index == 1
+        assert index in (1, 5)  # the bare list, or the default-priority one for a message without a priority
         text = msg.decode("utf-8", "surrogateescape")
         env = decode(text)  # never raises
         for value in (env.id, env.task, env.queue, env.expires):
@@ -170,7 +170,7 @@ def test_a_known_set_of_unrestorable_shapes_is_dead_lettered_and_fine_ones_filed
         r.lpush(QUEUE, raw)
     out = pop(keys=KEYS, args=[len(cases), 1.0, 10, 0])
     got = [(out[i + 1], out[i + 3] == b"") for i in range(0, len(out), 4)]
-    assert got == cases
+    assert sorted(got) == sorted(cases)  # (filed ones without a priority come later, from the default list)
     tags = [out[i] for i in range(0, len(out), 4) if out[i + 3] == b""]
     assert all(t.startswith(b"conveyor-") for t in tags)  # '../x' was not kept as a tag
 

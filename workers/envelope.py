@@ -39,6 +39,7 @@ class Envelope:
     kwargs: dict[str, Any] = field(default_factory=dict)
     queue: str | None = None  # the routing key it was sent with
     priority: int = 0  # Celery's (0 is served first)
+    priority_set: bool = False  # the message named one (else Conveyor's default applies)
     expires: str | None = None
     retries: int = 0
     deliveries: int = 1  # times the ingest has taken it, kombu's redeliveries included
@@ -72,7 +73,8 @@ def decode(raw: str) -> Envelope:
     if isinstance(info, dict) and isinstance(info.get("routing_key"), str):
         env.queue = info["routing_key"]
     priority = properties.get("priority")
-    env.priority = priority if isinstance(priority, int) and 0 <= priority <= 255 else 0
+    if isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255:
+        env.priority, env.priority_set = priority, True
     # Protocol 2 names the task and id in the headers: readable even when the body is not.
     env.id = _str(headers.get("id"))
     env.task = _str(headers.get("task"))

@@ -36,6 +36,7 @@ from celery.utils.saferepr import saferepr
 from pydantic import ValidationError
 
 from shared import dead_letters
+from shared.celery_config import celery_priority
 from shared.errors import ConveyorError, InvalidJob, JobCancelled, JobExpired, describe_validation_error
 from shared.jobs import JOB_MODELS, ClassifyJob, JobBase, RecommendJob
 from shared.names import (
@@ -61,6 +62,9 @@ _LIMITS_EVERY_S = 0.5  # how often the pull loop looks for jobs past their time 
 # Bulk messages held at once: two, so the next chunk is tokenized and queued while one runs.
 BULK_IN_FLIGHT = 2
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
+# A message that sets no priority waits with Conveyor's default (5, Celery's 4), not on the list
+# of the most urgent jobs where kombu files it.
+DEFAULT_CELERY_PRIORITY = celery_priority(JobBase.model_fields["priority"].default)
 
 INFERENCE_TYPES: tuple[str, ...] = ("classify", "transcribe", "recommend")
 TRAINING_TYPES: tuple[str, ...] = ("train", "fine-tune")
@@ -91,6 +95,7 @@ local n = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local LISTS = {--LISTS--}
 local QUEUES = {--QUEUES--}
+local DEFER = {--DEFER--}  -- list index of a priority-0 list -> its queue's default-priority list
 local MAX_BYTES = --MAX_BYTES--
 local MAX_LETTER_BYTES = --MAX_LETTER_BYTES--
 local nlists = #LISTS
@@ -194,6 +199,7 @@ local function dead_letter(m, qname, reason)
   return id
 end
 
+-- Returns true when the message was handed out (filed or dead-lettered), false when deferred.
 local function take(m, li)
   local qname = QUEUES[li]
   local payload, msg = restorable(m)
@@ -202,10 +208,16 @@ local function take(m, li)
     -- What the worker needs to recover the id and fail it: the head of the message.
     table.insert(out, id) table.insert(out, string.sub(m, 1, MAX_LETTER_BYTES))
     table.insert(out, li) table.insert(out, msg)
-    return
+    return true
+  end
+  local props = msg['properties']
+  if DEFER[li] and (type(props) ~= 'table' or props['priority'] == nil) then
+    -- No priority set (a stock Celery client): kombu filed it with the most urgent jobs; it
+    -- waits with Conveyor's default priority 5 instead, in its order.
+    redis.call('LPUSH', LISTS[DEFER[li]], m)
+    return false
   end
   local tag = nil
-  local props = msg['properties']
   if type(props) == 'table' then
     local t = props['delivery_tag']
     -- A tag is a key in kombu's hash and a member of its index: only a plain one is kept.
@@ -217,6 +229,7 @@ local function take(m, li)
   redis.call('ZADD', KEYS[2], now, tag)
   redis.call('HSET', KEYS[1], tag, '[' .. payload .. ',"",' .. cjson.encode(qname) .. ']')
   table.insert(out, tag) table.insert(out, m) table.insert(out, li) table.insert(out, '')
+  return true
 end
 
 local interactive = tonumber(ARGV[3])
@@ -227,7 +240,9 @@ for i = 1, interactive do
   if want <= 0 then break end
   local got = redis.call('RPOP', LISTS[i], want)
   if got then
-    for _, m in ipairs(got) do take(m, i) taken = taken + 1 end
+    for _, m in ipairs(got) do
+      if take(m, i) then taken = taken + 1 end
+    end
   end
 end
 -- Bulk messages (many rows each) only when no interactive job waits.
@@ -243,8 +258,7 @@ if nbulk > 0 and taken == 0 then
       while nbulk > 0 do
         local m = redis.call('RPOP', LISTS[i])
         if not m then break end
-        take(m, i)
-        nbulk = nbulk - 1
+        if take(m, i) then nbulk = nbulk - 1 end
       end
       if nbulk <= 0 then break end
     end
@@ -263,9 +277,16 @@ def _lua_string(value: str) -> str:
 
 def pop_script(lists: Sequence[tuple[str, str]]) -> str:
     """The pop script for these (list key, queue) pairs, served in this order."""
+    index = {key: i + 1 for i, (key, _) in enumerate(lists)}
+    defer = {
+        index[key]: index[priority_list(queue, DEFAULT_CELERY_PRIORITY)]
+        for key, queue in lists
+        if key == priority_list(queue, 0) and priority_list(queue, DEFAULT_CELERY_PRIORITY) in index
+    }
     return (
         POP_SCRIPT.replace("--LISTS--", ", ".join(_lua_string(key) for key, _ in lists))
         .replace("--QUEUES--", ", ".join(_lua_string(queue) for _, queue in lists))
+        .replace("--DEFER--", ", ".join(f"[{a}] = {b}" for a, b in sorted(defer.items())))
         .replace("--MAX_BYTES--", str(MAX_MESSAGE_BYTES))
         .replace("--MAX_LETTER_BYTES--", str(dead_letters.MAX_MESSAGE_CHARS))
     )
@@ -695,7 +716,10 @@ class Ingest:
             )
         if env.expires is not None and _passed(env.expires):
             raise JobExpired(f"job {env.id} expired at {env.expires} before it ran")
-        job = validate_job(JOB_MODELS[job_type], job_data(env.args, env.kwargs), env.id)
+        data = job_data(env.args, env.kwargs)
+        if "priority" not in data and env.priority_set:  # a Celery client's priority, in Conveyor's terms
+            data = {**data, "priority": 9 - min(env.priority, 9)}
+        job = validate_job(JOB_MODELS[job_type], data, env.id)
         return InFlight(env, job_type, job, received, bulk=env.queue in self._bulk_queues)
 
     def _finish_early(self, env: Envelope, exc: ConveyorError) -> None:
