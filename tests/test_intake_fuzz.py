@@ -183,3 +183,28 @@ def test_dead_letter_and_result_keys_use_the_exact_bytes_of_an_id(tmp_path: Path
     assert env.id == "job-\udcff" and not env.ok
     assert wire_bytes(env.id) == b"job-\xff"
     assert wire_bytes("\ud800") == "\ud800".encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(args=st.lists(json_value, max_size=3), kwargs=st.dictionaries(st.text(max_size=6), json_value, max_size=3),
+       ascii_only=st.booleans())  # fmt: skip
+def test_the_decoder_refuses_exactly_the_messages_holding_a_string_that_is_not_text(
+    args: list[Any], kwargs: dict[str, Any], ascii_only: bool
+) -> None:
+    import base64
+
+    body = json.dumps([args, kwargs, {}], ensure_ascii=ascii_only, allow_nan=True)
+    data = body.encode("utf-8", "surrogatepass") if not ascii_only else body.encode()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # not UTF-8 at all: the pop script refuses it before the decoder sees it
+    message = {
+        "body": base64.b64encode(data).decode(), "content-type": "application/json",
+        "headers": {"task": "conveyor.classify", "id": "job-1"}, "properties": {"body_encoding": "base64"},
+    }  # fmt: skip
+    env = decode(json.dumps(message))
+    has_non_text = first_non_text([args, kwargs]) is not None
+    assert (env.error is not None) == has_non_text, (env.error, args, kwargs)
+    if has_non_text:
+        assert env.error is not None and "is not valid Unicode text" in env.error

@@ -86,10 +86,11 @@ def decode(raw: str) -> Envelope:
     if content_type != JSON_CONTENT_TYPE:
         env.error = f"content type {content_type!r} is refused: Conveyor accepts {JSON_CONTENT_TYPE} only"
         return env
-    body = _body(message, properties)
-    if isinstance(body, _Bad):
-        env.error = body.reason
+    decoded = _body(message, properties)
+    if isinstance(decoded, _Bad):
+        env.error = decoded.reason
         return env
+    body, clean = decoded
     if env.task is not None:  # protocol 2: [args, kwargs, embed]
         if not (isinstance(body, list) and len(body) >= 2 and isinstance(body[0], list) and isinstance(body[1], dict)):
             env.error = "message body is not Celery's [args, kwargs, embed]"
@@ -116,7 +117,7 @@ def decode(raw: str) -> Envelope:
         if value is not None and not is_text(value):
             env.error = f"{name} is not valid UTF-8 text"
             return env
-    bad = first_non_text([env.args, env.kwargs])
+    bad = None if clean else first_non_text([env.args, env.kwargs])
     if bad is not None:
         where = ("args" + bad[1:]) if bad.startswith("0") else ("kwargs" + bad[1:])
         env.error = f"{where} is not valid Unicode text (a lone surrogate or bytes that are not UTF-8)"
@@ -149,12 +150,18 @@ def recover_id(raw: str) -> str | None:
     return found.group(1) if found else None
 
 
+# JSON's escape for a UTF-16 surrogate: the only way valid UTF-8 text parses to a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 @dataclass(frozen=True, slots=True)
 class _Bad:
     reason: str
 
 
-def _body(message: dict[str, Any], properties: dict[str, Any]) -> Any:
+def _body(message: dict[str, Any], properties: dict[str, Any]) -> tuple[Any, bool] | _Bad:
+    """The parsed body, and whether it is certainly free of strings that are not text (valid
+    UTF-8 with no surrogate escape: the usual job is settled by one regex search, not a walk)."""
     body = message.get("body")
     if not isinstance(body, str):
         return _Bad("message body is missing or not a string")
@@ -163,10 +170,14 @@ def _body(message: dict[str, Any], properties: dict[str, Any]) -> Any:
             body = base64.b64decode(body, validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
             return _Bad("message body is not valid base64 of UTF-8 text")
+        clean = True
+    else:
+        clean = is_text(body)
     try:
-        return json.loads(body)
+        parsed = json.loads(body)
     except (ValueError, RecursionError) as exc:
         return _Bad(f"message body is not JSON ({type(exc).__name__})")
+    return parsed, clean and _SURROGATE_ESCAPE.search(body) is None
 
 
 def _str(value: Any) -> str | None:
