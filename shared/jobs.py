@@ -4,6 +4,13 @@ Every job is one flat JSON object: the envelope fields (``id``, ``type``,
 ``schema_version``, ``priority``, ``submitted_at``, ``idempotency_key``, ``deadline``)
 beside the fields of its type. ``conveyor schema TYPE`` prints the JSON Schema.
 Limits live here, and a violation names the field and the limit.
+
+Hostile input is refused here, before any worker code sees it: ids use a small alphabet (and
+are still never used as paths); every string anywhere in a job, keys included, is valid
+Unicode (no lone surrogates); NUL is refused in every field that names something (ids,
+idempotency keys, models, paths, output names, columns, labels, languages, user and item
+ids, the label template), other control characters in most of them. Free texts may hold
+any valid Unicode. A classify job holds at most ``MAX_CHARS_PER_JOB`` characters in all.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from shared.names import JobType
 
@@ -40,7 +48,18 @@ MAX_CANDIDATES: Final = 100_000
 MAX_K: Final = 1000
 MAX_PATH_CHARS: Final = 4096
 MAX_ID_CHARS: Final = 200
+MAX_ITEM_ID_CHARS: Final = 200  # user and candidate ids of recommend jobs
+MAX_KEY_CHARS: Final = 200  # idempotency keys
+MAX_CHARS_PER_JOB: Final = 1_000_000  # all texts of one classify job together
+MAX_NESTING: Final = 32  # lists and objects inside a job; a real job nests two or three deep
 MAX_SEED: Final = 2**32 - 1  # numpy's and torch's seeds both take it
+
+# Job ids (also Celery task ids, Redis key parts, log words): a letter or digit, then letters,
+# digits and ``. _ : @ + = -``, with no ``..``. Celery's uuids, hex ids, ``score-...`` chunk
+# ids and ``order-17:v2``-style ids pass; ``/``, ``\\``, whitespace, control characters and
+# non-ASCII do not. An id is still never used as a path: see workers.training.checkpoint.
+ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*"  # the whole id (fullmatch), up to MAX_ID_CHARS
+_ID = re.compile(ID_PATTERN)
 
 MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@([0-9]+|latest))?$"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
@@ -61,23 +80,105 @@ OutputName = Annotated[
 ]
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _no_control_characters(value: str, what: str = "the value") -> str:
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+    if _CONTROL.search(value):
         raise ValueError(f"{what} must not contain control characters")
     return value
 
 
-def _printable_id(value: str) -> str:
-    # Ids travel into Redis keys, logs and Flower.
-    if not all("!" <= c <= "~" for c in value):
-        raise ValueError("must be printable ASCII without spaces or control characters")
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00)")
+    return value
+
+
+def check_job_id(value: str) -> str:
+    """``value`` if it is a valid job id (see ``ID_PATTERN``), else ValueError saying why."""
+    if not _ID.fullmatch(value) or ".." in value:
+        raise ValueError(
+            "must start with a letter or digit and hold only ASCII letters, digits and . _ : @ + = -"
+            " (no '..', '/', '\\', spaces, control characters or non-ASCII)"
+        )
+    return value
+
+
+def _printable_text(value: str) -> str:
+    # Idempotency keys become Redis keys and log words: printable Unicode (spaces allowed), no
+    # control, format, separator (other than space), private-use or unassigned characters.
+    if not value.isprintable():
+        raise ValueError("must be printable text: no control characters (NUL, newlines, tabs) or invisible ones")
     return value
 
 
 FilePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), AfterValidator(_no_control_characters)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Random seed (0 to 2**32 - 1).")]
-ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
-ItemId = Annotated[str, Field(min_length=1, max_length=200)]
+ColumnName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_control_characters)]
+# User and item ids must match the ids in the training data, which may hold any text but NUL.
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS), AfterValidator(_no_nul)]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]  # control characters: see _distinct_labels
+
+
+def _surrogate_error(value: str) -> str | None:
+    """None if ``value`` is valid Unicode, else what is wrong with it (never its text)."""
+    if value.isascii():  # O(1) in CPython: the string knows
+        return None
+    try:
+        value.encode("utf-16-le")  # refuses exactly what UTF-8 refuses (lone surrogates), ~3x faster
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}"
+    return None
+
+
+def _path_part(key: Any) -> str | int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    text = key if isinstance(key, str) else repr(key)
+    if len(text) <= 64 and text.isascii() and text.isprintable():
+        return text
+    return ascii(text[:64])
+
+
+def find_invalid_text(data: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """(path, problem) of the first string in ``data`` (dict keys and values, lists, tuples,
+    nested) that is not valid Unicode, or of a nesting deeper than ``MAX_NESTING``; None if
+    all is well. Iterative, so no input can exhaust the stack; the depth bound ends cycles."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            problem = _surrogate_error(value)
+            if problem is not None:
+                return path, problem
+        elif isinstance(value, dict):
+            if len(path) >= MAX_NESTING:
+                return path, f"nested deeper than {MAX_NESTING} levels"
+            for key, item in value.items():
+                if isinstance(key, str):
+                    problem = _surrogate_error(key)
+                    if problem is not None:
+                        return (*path, _path_part(key)), f"the key is {problem}"
+                if isinstance(item, str):
+                    if not item.isascii():
+                        problem = _surrogate_error(item)
+                        if problem is not None:
+                            return (*path, _path_part(key)), problem
+                elif isinstance(item, (dict, list, tuple)):
+                    stack.append((item, (*path, _path_part(key))))
+        elif isinstance(value, (list, tuple)):
+            if len(path) >= MAX_NESTING:
+                return path, f"nested deeper than {MAX_NESTING} levels"
+            for i, item in enumerate(value):
+                if isinstance(item, str):
+                    if not item.isascii():  # the common case costs one flag test per string
+                        problem = _surrogate_error(item)
+                        if problem is not None:
+                            return (*path, i), problem
+                elif isinstance(item, (dict, list, tuple)):
+                    stack.append((item, (*path, i)))
+    return None
 
 
 def check_label_template(template: str) -> str:
@@ -114,7 +215,8 @@ class JobBase(BaseModel):
         default_factory=_new_id,
         min_length=1,
         max_length=MAX_ID_CHARS,
-        description="Job id; also the Celery task id (printable ASCII, no spaces). Generated when absent.",
+        description="Job id; also the Celery task id: a letter or digit, then letters, digits and . _ : @ + = -"
+        " (no '..'). Generated when absent.",
     )
     type: JobType
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
@@ -123,7 +225,7 @@ class JobBase(BaseModel):
     idempotency_key: str | None = Field(
         default=None,
         min_length=1,
-        max_length=200,
+        max_length=MAX_KEY_CHARS,
         description="Jobs submitted with the same key while the first is remembered run once.",
     )
     deadline: datetime | None = Field(
@@ -131,15 +233,30 @@ class JobBase(BaseModel):
         description="If no worker has started the job by then, it fails with JobExpired.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # Every string in the job, keys included, must be valid Unicode: a lone surrogate
+        # (JSON's "\\ud800", or bytes decoded with surrogateescape) breaks UTF-8 encoding in
+        # logs, Redis and tokenizers far from here. The error names the path, never the text.
+        found = find_invalid_text(data)
+        if found is not None:
+            path, problem = found
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [InitErrorDetails(type=PydanticCustomError("invalid_unicode", problem), loc=path, input=None)],
+            )
+        return data
+
     @field_validator("id")
     @classmethod
-    def _printable(cls, value: str) -> str:
-        return _printable_id(value)
+    def _safe_id(cls, value: str) -> str:
+        return check_job_id(value)
 
     @field_validator("idempotency_key")
     @classmethod
     def _printable_key(cls, value: str | None) -> str | None:
-        return None if value is None else _no_control_characters(value)
+        return None if value is None else _printable_text(value)
 
     @field_validator("submitted_at", "deadline")
     @classmethod
@@ -153,12 +270,15 @@ class ClassifyJob(JobBase):
     """Classify one or many texts, zero-shot against ``labels`` or with a trained ``model``."""
 
     type: Literal["classify"] = "classify"
+    # Free text: any valid Unicode, NUL and other control characters included (real texts carry
+    # them, tokenizers take them, and a text is never a key, a path or a name).
     texts: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
         min_length=1,
         max_length=MAX_TEXTS_PER_JOB,
-        description=f"Texts to classify (1 to {MAX_TEXTS_PER_JOB}, each up to {MAX_TEXT_CHARS} characters).",
+        description=f"Texts to classify (1 to {MAX_TEXTS_PER_JOB}, each up to {MAX_TEXT_CHARS} characters,"
+        f" {MAX_CHARS_PER_JOB} in all).",
     )
-    labels: list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]] | None = Field(
+    labels: list[Label] | None = Field(
         default=None,
         min_length=2,
         max_length=MAX_LABELS,
@@ -189,6 +309,12 @@ class ClassifyJob(JobBase):
     @field_validator("texts")
     @classmethod
     def _not_blank(cls, texts: list[str]) -> list[str]:
+        total = sum(map(len, texts))
+        if total > MAX_CHARS_PER_JOB:
+            raise ValueError(
+                f"the texts hold {total} characters in all, over the limit of {MAX_CHARS_PER_JOB} per job"
+                " (MAX_CHARS_PER_JOB): split them into several jobs"
+            )
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ValueError(f"text {i} is blank")
@@ -202,6 +328,8 @@ class ClassifyJob(JobBase):
         cleaned = [label.strip() for label in labels]
         if any(not label for label in cleaned):
             raise ValueError("labels must not be blank")
+        for i, label in enumerate(cleaned):  # after stripping: a trailing newline is still fine
+            _no_control_characters(label, f"label {i}")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("labels must be distinct")
         return cleaned
@@ -209,7 +337,7 @@ class ClassifyJob(JobBase):
     @field_validator("label_template")
     @classmethod
     def _one_placeholder(cls, template: str) -> str:
-        return check_label_template(template)
+        return check_label_template(_no_nul(template))
 
     @model_validator(mode="after")
     def _labels_or_model(self) -> ClassifyJob:
@@ -257,7 +385,7 @@ class RecommendJob(JobBase):
     """Top-k items for one or many users from a trained recommender."""
 
     type: Literal["recommend"] = "recommend"
-    users: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+    users: list[ItemId] = Field(
         min_length=1, max_length=MAX_USERS_PER_JOB, description="User ids (as in the training data)."
     )
     k: int = Field(default=10, ge=1, le=MAX_K, description="How many items per user.")

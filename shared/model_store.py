@@ -7,6 +7,10 @@ Layout under ``CONVEYOR_MODEL_DIR``::
 
 ``NAME`` and ``NAME@latest`` mean the newest version, ``NAME@N`` one version. A version is
 built in ``.staging/`` and appears with one ``rename``, so a reader never sees half of one.
+A version's metadata names the job that published it (``job_id``) and the result that job
+returned (``result``); publishing is serialized per name (a lock file in ``.locks/``), and a
+job id that already published a version of NAME gets that version back instead of a new one:
+a redelivered or doubly delivered training job moves ``@latest`` once.
 Built-in models (weights shipped in pip packages) resolve by name too.
 Standard library only: producers list models without torch.
 """
@@ -17,9 +21,11 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,9 @@ from shared.errors import InvalidJob, ModelNotFound
 
 METADATA_FILE = "conveyor.json"
 STAGING_DIR = ".staging"
+LOCK_DIR = ".locks"
+JOB_ID_KEY = "job_id"  # metadata: the job that published the version
+RESULT_KEY = "result"  # metadata: what that job returned (metrics, epochs_run, resumed_from_epoch, extra)
 
 
 def _package_dir(package: str, *parts: str) -> Path | None:
@@ -71,6 +80,17 @@ def split_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+def _is_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\x00") and len(name) <= 255
+
+
+def _check_name(name: str) -> str:
+    """A model name is one directory under the store: no separator, no ``..``, no leading dot."""
+    if not _is_name(name):
+        raise InvalidJob(f"{name[:100]!r} is not a model name (one path component, not starting with '.')")
+    return name
+
+
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -78,7 +98,7 @@ class ModelStore:
     # -- reading ---------------------------------------------------------------------
     def _version_dirs(self, name: str) -> dict[int, Path]:
         """Complete versions of NAME by number: a version exists once its metadata does."""
-        base = self.root / name
+        base = self.root / _check_name(name)
         if not base.is_dir():
             return {}
         return {
@@ -90,6 +110,13 @@ class ModelStore:
     def versions(self, name: str) -> list[ModelVersion]:
         dirs = self._version_dirs(name)
         return [ModelVersion(name, n, dirs[n], _read_json(dirs[n] / METADATA_FILE)) for n in sorted(dirs)]
+
+    def find_by_job(self, name: str, job_id: str) -> ModelVersion | None:
+        """The version of ``name`` that job ``job_id`` published (the first, were there several), or None."""
+        for version in self.versions(name):
+            if version.metadata.get(JOB_ID_KEY) == job_id:
+                return version
+        return None
 
     def resolve(self, ref: str) -> ModelVersion:
         """Runs per job: lists the versions, reads the metadata of the chosen one only."""
@@ -120,7 +147,7 @@ class ModelStore:
         names = set()
         if self.root.is_dir():
             for child in self.root.iterdir():
-                if child.name.startswith("."):
+                if not _is_name(child.name):  # .staging, .locks, and names no job could ask for
                     continue
                 if (child / "config.json").exists() or self.versions(child.name):
                     names.add(child.name)
@@ -144,13 +171,43 @@ class ModelStore:
         path.mkdir(parents=True)
         return path
 
+    @contextmanager
+    def _publish_lock(self, name: str) -> Iterator[None]:
+        """Held while a version of ``name`` is chosen and renamed into place (released at exit,
+        even a process's death). Where there is no ``flock`` it only runs the body."""
+        locks = self.root / LOCK_DIR
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if sys.platform != "win32":
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def publish(self, name: str, built: Path, metadata: dict[str, Any]) -> ModelVersion:
-        """Move a complete build into place as the next version of ``name``, atomically."""
-        base = self.root / name
+        """Move a complete build into place as the next version of ``name``, atomically.
+
+        When ``metadata`` names a ``job_id`` that already published a version of ``name``, the
+        build is discarded and that version is returned: one job, one version.
+        """
+        base = self.root / _check_name(name)
         base.mkdir(parents=True, exist_ok=True)
         meta = dict(metadata)
         meta.setdefault("created_at", time.time())
         meta["size_bytes"] = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
+        job_id = meta.get(JOB_ID_KEY)
+        with self._publish_lock(name):
+            if isinstance(job_id, str) and job_id:
+                existing = self.find_by_job(name, job_id)
+                if existing is not None:
+                    self.discard(built)
+                    return existing
+            return self._rename_into_place(name, base, built, meta)
+
+    def _rename_into_place(self, name: str, base: Path, built: Path, meta: dict[str, Any]) -> ModelVersion:
         while True:
             version = max((v.version or 0 for v in self.versions(name)), default=0) + 1
             meta["version"] = version

@@ -156,3 +156,87 @@ def test_fine_tuned_model_is_served_by_classify_at_once_as_latest(
     assert isinstance(again, TrainingResult) and again.version == tuned.version + 1
     newest = client.submit(ClassifyJob(texts=texts[:1], model="sms-filter")).result(timeout=120)
     assert isinstance(newest, ClassifyResult) and newest.meta.model == again.model  # no worker restart
+
+
+# -- hostile ids and redelivery (no MovieLens needed: a small generated file) ------------------
+
+
+def _small_interactions(path: Path, users: int = 40, items: int = 30, per_user: int = 8) -> Path:
+    rows = [f"u{u},i{(u * 7 + k * 3) % items},1,{1000 + k}" for u in range(users) for k in range(per_user)]
+    path.write_text("user,item,rating,timestamp\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _plain_celery(redis_url: str) -> Any:
+    """A stock Celery client, as any producer outside this repository would have."""
+    from celery import Celery
+
+    app = Celery("plain-producer", broker=redis_url, backend=redis_url)
+    app.conf.update(
+        task_serializer="json", accept_content=["json"], result_serializer="json", result_accept_content=["json"]
+    )
+    return app
+
+
+def _tree_state(path: Path) -> list[tuple[str, str]]:
+    return sorted((str(p.relative_to(path)), p.read_text() if p.is_file() else "/") for p in path.rglob("*"))
+
+
+def test_a_task_id_that_is_a_path_fails_naming_id_and_touches_nothing(
+    training_worker: Any, redis_url: str, conveyor_home: Path, tmp_path: Path
+) -> None:
+    training_worker()
+    # Where checkpoints/../../NAME and an absolute task id lead: outside CONVEYOR_HOME.
+    canary = conveyor_home.parent / f"canary-{tmp_path.name}"
+    (canary / "inside").mkdir(parents=True)
+    (canary / "inside" / "keep.txt").write_text("must survive")
+    before = _tree_state(canary)
+    data = _small_interactions(tmp_path / "small.csv")
+    job = {"interactions_path": str(data), "output_name": "hostile-recs", "model_type": "als", "factors": 8,
+           "epochs": 2}  # fmt: skip  # a job that would train and finish, but for its id
+    app = _plain_celery(redis_url)
+    try:
+        hostile = [f"../../{canary.name}", str(canary), f"ok/../../../{canary.name}"]
+        sent = [app.send_task("conveyor.train", args=[job], task_id=t, queue="conveyor.training") for t in hostile]
+        for r in sent:
+            r.get(timeout=120, propagate=False)
+            assert r.state == "FAILURE", (r.id, r.state, r.result)
+            assert type(r.result).__name__ == "InvalidJob" and "id: " in str(r.result), r.result
+    finally:
+        app.close()
+    assert _tree_state(canary) == before  # the directory outside CONVEYOR_HOME is untouched
+    assert not (conveyor_home / "checkpoints").exists() or all(
+        len(p.name) == 64 for p in (conveyor_home / "checkpoints").iterdir()
+    )  # checkpoint directories are hashes, never an id
+
+
+def test_a_training_job_redelivered_after_it_published_returns_that_version(
+    client: Client, training_worker: Any, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    import redis
+
+    training_worker()
+    data = _small_interactions(tmp_path / "small.csv")
+    job = TrainJob(interactions_path=str(data), output_name=f"once-{tmp_path.name}", model_type="als",
+                   factors=8, epochs=2)  # fmt: skip
+    first = client.submit(job).result(timeout=120)
+    assert isinstance(first, TrainingResult) and first.version == 1
+
+    # The worker died after publishing, before its result and ack: no result in Redis, and the
+    # same message (same task id) delivered again. (A stock client sends it here; the SDK
+    # refuses a reused id.) Celery never overwrites a SUCCESS, so the stored one goes first.
+    r = redis.Redis.from_url(redis_url)
+    r.delete(f"celery-task-meta-{job.id}")
+    r.close()
+    app = _plain_celery(redis_url)
+    try:
+        again = app.send_task(
+            "conveyor.train", args=[job.model_dump(mode="json")], task_id=job.id, queue="conveyor.training"
+        )
+        second = TrainingResult.model_validate(again.get(timeout=120))
+    finally:
+        app.close()
+    assert (second.model, second.version, second.job_id) == (first.model, first.version, job.id)
+    # Not trained again: even the timing figures are the first run's, read back from the version.
+    assert second.metrics == first.metrics and second.extra == first.extra and second.epochs_run == first.epochs_run
+    assert [v.version for v in ModelStore(model_dir).versions(job.output_name)] == [1]  # no N+1, @latest unmoved

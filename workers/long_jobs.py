@@ -1,35 +1,63 @@
 """Train and fine-tune as Celery jobs: progress as task state, checkpoints keyed by job id
-(a redelivered job resumes), cancellation through a Redis flag checked during training."""
+(a redelivered job resumes), cancellation through a Redis flag checked during training.
+
+Exactly once in effect: a published version records the job id that produced it and the
+result that job returned (``ModelStore.publish``), so a job redelivered after it published
+(its worker died before the ack) returns that result again instead of training once more and
+moving ``@latest`` to a version N+1.
+
+A job id never becomes a path: the checkpoint directory is named by the id's SHA-256
+(``checkpoint.directory_for``), and it is removed only when it lies inside the checkpoint root.
+"""
 
 from __future__ import annotations
 
-import shutil
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Task
 
 from shared.errors import JobCancelled
 from shared.jobs import FineTuneJob, JobBase, TrainJob
+from shared.model_store import RESULT_KEY, ModelVersion
 from shared.names import CANCEL_KEY_PREFIX
 from shared.results import JobMeta, Progress, TrainingResult
 from workers.runtime import Runtime, check_deadline
-from workers.training.loop import Trainer
+from workers.training import checkpoint
+from workers.training.loop import Trainer, TrainingOutcome
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_root(runtime: Runtime) -> Path:
+    return runtime.settings.home / "checkpoints"
 
 
 def checkpoint_dir(runtime: Runtime, job: JobBase) -> Path:
-    return runtime.settings.home / "checkpoints" / job.id
+    """``CONVEYOR_HOME/checkpoints/<sha256(job id)>``: stable per job, never the id itself."""
+    return checkpoint.directory_for(checkpoint_root(runtime), job.id)
 
 
 def run_long_job(task: Task, job: TrainJob | FineTuneJob, runtime: Runtime, worker: str) -> TrainingResult:
     started = time.monotonic()
     picked_at = datetime.now(UTC)
+    ckpt = checkpoint_dir(runtime, job)
+    published = runtime.store.find_by_job(job.output_name, job.id)
+    if published is not None:
+        # Redelivered after it published (the worker died before the ack): its effect happened.
+        log.info("job %s already published %s; returning that result without training", job.id, published.ref)
+        checkpoint.remove_owned_dir(ckpt, checkpoint_root(runtime))
+        return _result(job, published, None, runtime, worker, picked_at, started)
+
     check_deadline(job)
     client = redis.Redis.from_url(runtime.settings.broker_url())
     cancel_key = CANCEL_KEY_PREFIX + job.id
     if client.exists(cancel_key):
+        client.close()
         raise JobCancelled(f"job {job.id} was cancelled before it started")
 
     def progress(p: Progress) -> None:
@@ -39,29 +67,62 @@ def run_long_job(task: Task, job: TrainJob | FineTuneJob, runtime: Runtime, work
         return bool(client.exists(cancel_key))
 
     trainer = _trainer(job)
-    ckpt = checkpoint_dir(runtime, job)
     ckpt.mkdir(parents=True, exist_ok=True)
     try:
         outcome = trainer(job, runtime.store, ckpt, progress, should_stop, runtime.device)
     except JobCancelled:
-        shutil.rmtree(ckpt, ignore_errors=True)  # a cancelled job is not resumed
+        checkpoint.remove_owned_dir(ckpt, checkpoint_root(runtime))  # a cancelled job is not resumed
         raise
     finally:
         client.close()
-    shutil.rmtree(ckpt, ignore_errors=True)
+    checkpoint.remove_owned_dir(ckpt, checkpoint_root(runtime))
+    return _result(job, outcome.version, outcome, runtime, worker, picked_at, started)
+
+
+def recorded_result(version: ModelVersion) -> dict[str, Any] | None:
+    """The result fields the publishing job recorded in the version's metadata, if any."""
+    recorded = version.metadata.get(RESULT_KEY)
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _result(
+    job: JobBase,
+    version: ModelVersion,
+    outcome: TrainingOutcome | None,
+    runtime: Runtime,
+    worker: str,
+    picked_at: datetime,
+    started: float,
+) -> TrainingResult:
+    # The version's record wins over this run's outcome: when two runs of one job raced, the
+    # store kept the first version, and both answer with what produced it.
+    recorded = recorded_result(version)
+    if recorded is not None:
+        fields: dict[str, Any] = {
+            "metrics": recorded.get("metrics", {}),
+            "epochs_run": recorded.get("epochs_run", 0),
+            "resumed_from_epoch": recorded.get("resumed_from_epoch", 0),
+            "extra": recorded.get("extra", {}),
+        }
+    elif outcome is not None:
+        fields = {
+            "metrics": outcome.metrics,
+            "epochs_run": outcome.epochs_run,
+            "resumed_from_epoch": outcome.resumed_from_epoch,
+            "extra": outcome.extra,
+        }
+    else:  # a version published before results were recorded: what its metadata holds
+        fields = {"metrics": version.metadata.get("metrics", {}), "epochs_run": 0, "extra": {}}
     return TrainingResult(
         job_id=job.id,
         type=job.type,
-        model=outcome.version.ref,
-        version=outcome.version.version or 0,
-        metrics=outcome.metrics,
-        epochs_run=outcome.epochs_run,
-        resumed_from_epoch=outcome.resumed_from_epoch,
-        extra=outcome.extra,
+        model=version.ref,
+        version=version.version or 0,
+        **fields,
         meta=JobMeta(
             worker=worker,
             device=runtime.device,
-            model=outcome.version.ref,
+            model=version.ref,
             queue_ms=round((picked_at - job.submitted_at).total_seconds() * 1000.0, 3),
             run_ms=round((time.monotonic() - started) * 1000.0, 3),
         ),

@@ -6,6 +6,8 @@ a number or ISO 8601). RecBole's typed headers (``user_id:token``) are read too.
 Labeled texts: CSV, TSV or JSONL with configurable text and label columns.
 Every problem raises ``InvalidJob``, naming the line and column but never repeating what the
 file holds: a job may name a file it should not read, and its error must not reveal it.
+A file over ``CONVEYOR_MAX_INPUT_FILE_MB`` is refused before it is read, and the read itself
+stops at the limit (a file that grows after the check is refused too).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from shared.errors import InvalidJob
+from shared.settings import Settings
 
 USER_COLUMNS: Final = ("user", "user_id", "userid")
 ITEM_COLUMNS: Final = ("item", "item_id", "itemid")
@@ -30,6 +33,12 @@ WEIGHT_COLUMNS: Final = ("weight", "rating", "quantity")
 TIME_COLUMNS: Final = ("time", "timestamp")
 MIN_INTERACTIONS: Final = 10
 MIN_LABELED_ROWS: Final = 8
+MB: Final = 1024 * 1024
+
+
+def max_input_bytes(settings: Settings | None = None) -> int:
+    """CONVEYOR_MAX_INPUT_FILE_MB in bytes."""
+    return (settings or Settings()).max_input_file_mb * MB
 
 
 def file_sha256(path: Path) -> str:
@@ -71,9 +80,10 @@ class LabeledTexts:
         return sorted(set(self.labels))
 
 
-def read_interactions(path: str | Path, min_rows: int = MIN_INTERACTIONS) -> Interactions:
-    path = _existing_file(path, "interactions_path")
-    header, records = _open_table(path)
+def read_interactions(path: str | Path, min_rows: int = MIN_INTERACTIONS, max_bytes: int | None = None) -> Interactions:
+    limit = max_input_bytes() if max_bytes is None else max_bytes
+    path = _existing_file(path, "interactions_path", limit)
+    header, records = _open_table(path, "interactions_path", limit)
     columns = {_plain_name(name): name for name in header}
     user_col = _pick(columns, USER_COLUMNS, path, header, required=True)
     item_col = _pick(columns, ITEM_COLUMNS, path, header, required=True)
@@ -140,9 +150,11 @@ def read_labeled_texts(
     min_rows: int = MIN_LABELED_ROWS,
     field: str = "data_path",
     min_classes: int = 2,
+    max_bytes: int | None = None,
 ) -> LabeledTexts:
-    path = _existing_file(path, field)
-    header, records = _open_table(path)
+    limit = max_input_bytes() if max_bytes is None else max_bytes
+    path = _existing_file(path, field, limit)
+    header, records = _open_table(path, field, limit)
     for wanted, option in ((text_column, "text_column"), (label_column, "label_column")):
         if wanted not in header:
             raise InvalidJob(f"{path}: no column {wanted!r} ({option}) among the header's {len(header)} columns")
@@ -163,7 +175,15 @@ def read_labeled_texts(
 Record = dict[str, Any]
 
 
-def _existing_file(path: str | Path, field: str) -> Path:
+def _too_big(field: str, limit: int, size: int | None = None) -> InvalidJob:
+    held = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+    return InvalidJob(
+        f"{field}: the file holds {held}, over the limit of {limit / MB:g} MB"
+        " (CONVEYOR_MAX_INPUT_FILE_MB on the worker)"
+    )
+
+
+def _existing_file(path: str | Path, field: str, max_bytes: int) -> Path:
     path = Path(path)
     if not path.exists():
         raise InvalidJob(f"{field}: file not found: {path}")
@@ -174,17 +194,31 @@ def _existing_file(path: str | Path, field: str) -> Path:
             f.read(1)
     except OSError as exc:
         raise InvalidJob(f"{field}: cannot read {path}: {exc.strerror or exc}") from exc
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise InvalidJob(f"{field}: the file is empty: {path}")
+    if size > max_bytes:
+        raise _too_big(field, max_bytes, size)
     return path
 
 
-def _open_table(path: Path) -> tuple[list[str], Iterator[tuple[int, Record]]]:
-    """The header (column names) and an iterator of (line number, record)."""
+def _open_table(path: Path, field: str, max_bytes: int) -> tuple[list[str], Iterator[tuple[int, Record]]]:
+    """The header (column names) and an iterator of (line number, record); at most
+    ``max_bytes`` are read, so a file that grew after ``_existing_file`` cannot exhaust memory."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise InvalidJob(f"{field}: cannot read {path}: {exc.strerror or exc}") from exc
+    if len(raw) > max_bytes:
+        raise _too_big(field, max_bytes)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidJob(f"{path}: not UTF-8 text (byte {exc.start}); expected CSV, TSV or JSONL") from exc
+    del raw
+    if "\r" in text:  # newlines as text mode reads them (what read_text did)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         return _jsonl(path, text)
     return _delimited(path, text)

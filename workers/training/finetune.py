@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from shared.errors import InvalidJob
 from shared.input_paths import resolve_input
 from shared.jobs import FineTuneJob
-from shared.model_store import ModelStore
+from shared.model_store import RESULT_KEY, ModelStore
 from shared.settings import Settings
 from workers.training import checkpoint
 from workers.training.data import LabeledTexts, read_labeled_texts
@@ -140,6 +140,16 @@ def fine_tune(
     majority = float(np.max(np.bincount(actual, minlength=len(classes)))) / len(actual)
     pacer.check()
 
+    seconds = sum(epoch_seconds)
+    result_metrics = {**metrics, "majority_accuracy": majority}
+    extra: dict[str, Any] = {
+        "losses": losses,
+        "labels": classes,
+        "train_rows": len(train_texts),
+        "validation_rows": len(valid_texts),
+        "seconds_per_epoch": seconds / len(epoch_seconds) if epoch_seconds else None,
+        "samples_per_s": len(train_texts) * len(epoch_seconds) / seconds if seconds else None,
+    }
     metadata: dict[str, Any] = {
         "kind": "text-classifier",
         "parent": base.ref,
@@ -152,29 +162,27 @@ def fine_tune(
         "train_rows": len(train_texts),
         "validation_rows": len(valid_texts),
         "max_length": job.max_length,
+        # What the job returns, so a redelivery of the job can return it again without training.
+        RESULT_KEY: {
+            "metrics": result_metrics,
+            "epochs_run": len(epoch_seconds),
+            "resumed_from_epoch": resumed,
+            "extra": extra,
+        },
     }
 
     def write(built: Path) -> None:
         model.save_pretrained(built)
         tokenizer.save_pretrained(built)
 
-    version = store.build_and_publish(job.output_name, write, metadata)
+    version = store.build_and_publish(job.output_name, write, metadata)  # one version per job id
     checkpoint.clear(checkpoint_dir)
-
-    seconds = sum(epoch_seconds)
     return TrainingOutcome(
         version=version,
-        metrics={**metrics, "majority_accuracy": majority},
+        metrics=result_metrics,
         epochs_run=len(epoch_seconds),
         resumed_from_epoch=resumed,
-        extra={
-            "losses": losses,
-            "labels": classes,
-            "train_rows": len(train_texts),
-            "validation_rows": len(valid_texts),
-            "seconds_per_epoch": seconds / len(epoch_seconds) if epoch_seconds else None,
-            "samples_per_s": len(train_texts) * len(epoch_seconds) / seconds if seconds else None,
-        },
+        extra=extra,
     )
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from shared.errors import InvalidJob
 from shared.input_paths import resolve_input
 from shared.jobs import TrainJob
-from shared.model_store import ModelStore
+from shared.model_store import RESULT_KEY, ModelStore
 from workers.training import checkpoint
 from workers.training.data import Interactions, read_interactions
 from workers.training.loop import Pacer, ProgressFn, StopFn, TrainingOutcome, job_fingerprint
@@ -144,6 +144,16 @@ def train_recommender(
     baseline = ranking_metrics(lambda u: train_popularity.expand(len(u), -1), split, dev)
     pacer.check()  # a cancel during evaluation still publishes nothing
 
+    seconds = sum(epoch_seconds)
+    result_metrics = {**metrics, **{f"popular_{name}": value for name, value in baseline.items()}}
+    extra: dict[str, Any] = {
+        "losses": losses,
+        "seconds_per_epoch": seconds / len(epoch_seconds) if epoch_seconds else None,
+        "samples_per_s": split.train.size * len(epoch_seconds) / seconds if seconds else None,
+        "train_interactions": split.train.size,
+        "eval_users": len(split.eval_users),
+        "dropped_rows": data.dropped_rows,
+    }
     metadata: dict[str, Any] = {
         "kind": "recommender",
         "model_type": job.model_type,
@@ -159,26 +169,26 @@ def train_recommender(
         "interactions": len(data.user),
         "eval_users": len(split.eval_users),
         "holdout": job.holdout,
+        # What the job returns, so a redelivery of the job can return it again without training.
+        RESULT_KEY: {
+            "metrics": result_metrics,
+            "epochs_run": len(epoch_seconds),
+            "resumed_from_epoch": resumed,
+            "extra": extra,
+        },
     }
+    # A version this job id already published (a concurrent run of the same job) comes back
+    # instead of a new one: see ModelStore.publish.
     version = store.build_and_publish(
         job.output_name, lambda built: _write_model(built, data, users_f, items_f), metadata
     )
     checkpoint.clear(checkpoint_dir)
-
-    seconds = sum(epoch_seconds)
     return TrainingOutcome(
         version=version,
-        metrics={**metrics, **{f"popular_{name}": value for name, value in baseline.items()}},
+        metrics=result_metrics,
         epochs_run=len(epoch_seconds),
         resumed_from_epoch=resumed,
-        extra={
-            "losses": losses,
-            "seconds_per_epoch": seconds / len(epoch_seconds) if epoch_seconds else None,
-            "samples_per_s": split.train.size * len(epoch_seconds) / seconds if seconds else None,
-            "train_interactions": split.train.size,
-            "eval_users": len(split.eval_users),
-            "dropped_rows": data.dropped_rows,
-        },
+        extra=extra,
     )
 
 
