@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from shared.names import JobType
+from shared.wire_text import find_invalid_text
 
 SCHEMA_VERSION: Final = 1
 
@@ -50,8 +51,10 @@ MAX_PATH_CHARS: Final = 4096
 MAX_ID_CHARS: Final = 200
 MAX_ITEM_ID_CHARS: Final = 200  # user and candidate ids of recommend jobs
 MAX_KEY_CHARS: Final = 200  # idempotency keys
-MAX_CHARS_PER_JOB: Final = 1_000_000  # all texts of one classify job together
-MAX_NESTING: Final = 32  # lists and objects inside a job; a real job nests two or three deep
+# All texts of one classify job together: a bulk-scoring chunk (128 rows of up to 20,000) fits;
+# the tokenizer reads at most 256 tokens of each text, so more is memory, not signal.
+MAX_CHARS_PER_JOB: Final = 3_000_000
+MAX_RECOMMENDATIONS_PER_JOB: Final = 1_000_000  # users x k in one recommend job's result
 MAX_SEED: Final = 2**32 - 1  # numpy's and torch's seeds both take it
 
 # Job ids (also Celery task ids, Redis key parts, log words): a letter or digit, then letters,
@@ -119,66 +122,6 @@ ColumnName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(
 # User and item ids must match the ids in the training data, which may hold any text but NUL.
 ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS), AfterValidator(_no_nul)]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]  # control characters: see _distinct_labels
-
-
-def _surrogate_error(value: str) -> str | None:
-    """None if ``value`` is valid Unicode, else what is wrong with it (never its text)."""
-    if value.isascii():  # O(1) in CPython: the string knows
-        return None
-    try:
-        value.encode("utf-16-le")  # refuses exactly what UTF-8 refuses (lone surrogates), ~3x faster
-    except UnicodeEncodeError as exc:
-        return f"not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}"
-    return None
-
-
-def _path_part(key: Any) -> str | int:
-    if isinstance(key, int) and not isinstance(key, bool):
-        return key
-    text = key if isinstance(key, str) else repr(key)
-    if len(text) <= 64 and text.isascii() and text.isprintable():
-        return text
-    return ascii(text[:64])
-
-
-def find_invalid_text(data: Any) -> tuple[tuple[str | int, ...], str] | None:
-    """(path, problem) of the first string in ``data`` (dict keys and values, lists, tuples,
-    nested) that is not valid Unicode, or of a nesting deeper than ``MAX_NESTING``; None if
-    all is well. Iterative, so no input can exhaust the stack; the depth bound ends cycles."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, str):
-            problem = _surrogate_error(value)
-            if problem is not None:
-                return path, problem
-        elif isinstance(value, dict):
-            if len(path) >= MAX_NESTING:
-                return path, f"nested deeper than {MAX_NESTING} levels"
-            for key, item in value.items():
-                if isinstance(key, str):
-                    problem = _surrogate_error(key)
-                    if problem is not None:
-                        return (*path, _path_part(key)), f"the key is {problem}"
-                if isinstance(item, str):
-                    if not item.isascii():
-                        problem = _surrogate_error(item)
-                        if problem is not None:
-                            return (*path, _path_part(key)), problem
-                elif isinstance(item, (dict, list, tuple)):
-                    stack.append((item, (*path, _path_part(key))))
-        elif isinstance(value, (list, tuple)):
-            if len(path) >= MAX_NESTING:
-                return path, f"nested deeper than {MAX_NESTING} levels"
-            for i, item in enumerate(value):
-                if isinstance(item, str):
-                    if not item.isascii():  # the common case costs one flag test per string
-                        problem = _surrogate_error(item)
-                        if problem is not None:
-                            return (*path, i), problem
-                elif isinstance(item, (dict, list, tuple)):
-                    stack.append((item, (*path, i)))
-    return None
 
 
 def check_label_template(template: str) -> str:
@@ -408,6 +351,16 @@ class RecommendJob(JobBase):
                 if isinstance(data.get(key), list):
                     data[key] = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in data[key]]
         return data
+
+    @model_validator(mode="after")
+    def _bounded_result(self) -> RecommendJob:
+        # users x k items come back in one result: 10,000 users at k=1000 would be ~200 MB of JSON.
+        if len(self.users) * self.k > MAX_RECOMMENDATIONS_PER_JOB:
+            raise ValueError(
+                f"{len(self.users)} users x k={self.k} is {len(self.users) * self.k} recommendations, over the "
+                f"limit of {MAX_RECOMMENDATIONS_PER_JOB} per job (MAX_RECOMMENDATIONS_PER_JOB): split the users"
+            )
+        return self
 
 
 class TrainJob(JobBase):

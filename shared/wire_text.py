@@ -10,7 +10,7 @@ such strings in jobs (``first_non_text``) before they reach a model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 
 def is_text(value: str) -> bool:
@@ -48,22 +48,73 @@ def printable(value: str, limit: int = 200) -> str:
     return value if len(value) <= limit else value[:limit] + "..."
 
 
-def first_non_text(data: Any, path: str = "") -> str | None:
-    """The path (``texts.3``, ``kwargs.<key>``) of the first string in a JSON-like structure that
-    is not valid Unicode, a key included; None when every string is text. Iterative, so any
-    depth is safe; cheap for the usual all-ASCII job."""
-    stack: list[tuple[Any, str]] = [(data, path)]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, str):
-            if not is_text(value):
-                return where or "value"
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                key_path = f"{where}.{printable(str(key), 60)}" if where else printable(str(key), 60)
-                if isinstance(key, str) and not is_text(key):
-                    return f"{key_path} (a key)"
-                stack.append((item, key_path))
-        elif isinstance(value, list | tuple):
-            stack.extend((item, f"{where}.{i}" if where else str(i)) for i, item in enumerate(value))
+MAX_NESTING: Final = 32  # lists and objects inside a job; a real job nests two or three deep
+
+
+def _surrogate_error(value: str) -> str | None:
+    """None if ``value`` is valid Unicode, else what is wrong with it (never its text)."""
+    if value.isascii():  # O(1) in CPython: the string knows
+        return None
+    try:
+        value.encode("utf-16-le")  # refuses exactly what UTF-8 refuses (lone surrogates), ~3x faster
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}"
     return None
+
+
+def _path_part(key: Any) -> str | int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    text = key if isinstance(key, str) else repr(key)
+    if len(text) <= 64 and text.isascii() and text.isprintable():
+        return text
+    return ascii(text[:64])
+
+
+def find_invalid_text(data: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """(path, problem) of the first string in ``data`` (dict keys and values, lists, tuples,
+    nested) that is not valid Unicode, or of a nesting deeper than ``MAX_NESTING``; None if
+    all is well. Iterative, so no input can exhaust the stack; the depth bound ends cycles."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            problem = _surrogate_error(value)
+            if problem is not None:
+                return path, problem
+        elif isinstance(value, dict):
+            if len(path) >= MAX_NESTING:
+                return path, f"nested deeper than {MAX_NESTING} levels"
+            for key, item in value.items():
+                if isinstance(key, str):
+                    problem = _surrogate_error(key)
+                    if problem is not None:
+                        return (*path, _path_part(key)), f"the key is {problem}"
+                if isinstance(item, str):
+                    if not item.isascii():
+                        problem = _surrogate_error(item)
+                        if problem is not None:
+                            return (*path, _path_part(key)), problem
+                elif isinstance(item, (dict, list, tuple)):
+                    stack.append((item, (*path, _path_part(key))))
+        elif isinstance(value, (list, tuple)):
+            if len(path) >= MAX_NESTING:
+                return path, f"nested deeper than {MAX_NESTING} levels"
+            for i, item in enumerate(value):
+                if isinstance(item, str):
+                    if not item.isascii():  # the common case costs one flag test per string
+                        problem = _surrogate_error(item)
+                        if problem is not None:
+                            return (*path, i), problem
+                elif isinstance(item, (dict, list, tuple)):
+                    stack.append((item, (*path, i)))
+    return None
+
+
+def first_non_text(data: Any) -> str | None:
+    """The dotted path (``texts.3``) of the first string in ``data`` that is not valid Unicode
+    (or of a nesting deeper than ``MAX_NESTING``); None when all is well."""
+    found = find_invalid_text(data)
+    if found is None:
+        return None
+    return ".".join(str(p) for p in found[0]) or "value"

@@ -29,17 +29,16 @@ from shared.jobs import (
     ID_PATTERN,
     MAX_CHARS_PER_JOB,
     MAX_ID_CHARS,
-    MAX_NESTING,
     MAX_TEXT_CHARS,
     ClassifyJob,
     FineTuneJob,
     RecommendJob,
     TrainJob,
     TranscribeJob,
-    find_invalid_text,
     parse_job,
 )
 from shared.model_store import ModelStore
+from shared.wire_text import MAX_NESTING, find_invalid_text
 from workers.long_jobs import checkpoint_dir, run_long_job
 from workers.training import checkpoint
 from workers.training.data import read_interactions, read_labeled_texts
@@ -419,3 +418,12 @@ def test_a_redelivered_training_job_returns_its_published_version_without_traini
     assert result.extra == recorded["extra"] and result.job_id == job.id
     assert [v.version for v in store.versions("recs")] == [1]
     assert not leftover.exists()
+
+
+def test_a_recommend_job_is_bounded_in_users_times_k() -> None:
+    from shared.jobs import MAX_RECOMMENDATIONS_PER_JOB
+
+    RecommendJob(users=["u"] * 1000, k=1000, model="m")  # exactly at the limit
+    with pytest.raises(ValidationError) as err:
+        RecommendJob(users=["u"] * 1001, k=1000, model="m")
+    assert str(MAX_RECOMMENDATIONS_PER_JOB) in describe_validation_error(err.value)

@@ -214,3 +214,14 @@ def test_chunks_cut_across_read_blocks_in_order(conveyor_env: dict[str, str], tm
     assert [c for c, _ in chunks] == list(range(301))
     assert [len(v) for _, v in chunks] == [1000] * 300 + [3]
     assert [v for _, values in chunks for v in values] == [f"row {i}" for i in range(300_003)]
+
+
+def test_a_full_classify_chunk_of_the_longest_texts_is_a_valid_job() -> None:
+    """Chunks are cut by rows: the default chunk of maximal texts must fit a job's own limits."""
+    from shared.jobs import MAX_TEXT_CHARS, ClassifyJob
+    from shared.settings import Settings
+
+    kind = ClassifyKind(labels=["a", "b"])
+    rows = ["x" * MAX_TEXT_CHARS] * kind.chunk_size(Settings())
+    assert isinstance(kind.job("score-abc-0000001", rows), ClassifyJob)
+    ClassifyJob.model_validate(kind.job("score-abc-0000001", rows).model_dump())

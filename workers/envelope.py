@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.wire_text import first_non_text, is_text
+from shared.wire_text import find_invalid_text, is_text
 
 JSON_CONTENT_TYPE = "application/json"
 # A message larger than this is refused before decoding (the pop script dead-letters it
@@ -117,10 +117,11 @@ def decode(raw: str) -> Envelope:
         if value is not None and not is_text(value):
             env.error = f"{name} is not valid UTF-8 text"
             return env
-    bad = None if clean else first_non_text([env.args, env.kwargs])
-    if bad is not None:
-        where = ("args" + bad[1:]) if bad.startswith("0") else ("kwargs" + bad[1:])
-        env.error = f"{where} is not valid Unicode text (a lone surrogate or bytes that are not UTF-8)"
+    found = None if clean else find_invalid_text([env.args, env.kwargs])
+    if found is not None:
+        path, problem = found
+        where = ".".join(str(p) for p in (("args", "kwargs")[int(path[0])], *path[1:])) if path else "body"
+        env.error = f"{where}: {problem}"
     return env
 
 
@@ -130,14 +131,14 @@ def explain_refusal(raw: str, reason: str) -> str:
     if len(raw) > MAX_MESSAGE_BYTES:
         return reason
     env = decode(raw)
-    if env.error is not None and "not valid" in env.error:
+    if env.error is not None and "Unicode" in env.error:
         return env.error
     try:
         message = json.loads(raw)
     except (ValueError, RecursionError):
         return reason
-    where = first_non_text(message)
-    return f"{where} is not valid Unicode text" if where else reason
+    found = find_invalid_text(message)
+    return f"{'.'.join(str(p) for p in found[0])}: {found[1]}" if found else reason
 
 
 def recover_id(raw: str) -> str | None:

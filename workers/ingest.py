@@ -320,7 +320,12 @@ def job_data(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_job(model: type[JobBase], data: dict[str, Any], task_id: str | None) -> JobBase:
-    if task_id is not None and "id" not in data:
+    """The job, validated; its id is the task id (a result is keyed by the task id, so a job that
+    names another one is refused rather than answered under an id its schema never checked)."""
+    if task_id is not None:
+        if "id" in data and data["id"] != task_id:
+            named, task = printable(str(data["id"]), 100), printable(task_id, 100)
+            raise InvalidJob(f"id: the job's id {named!r} is not its task id {task!r}")
         data = {**data, "id": task_id}
     try:
         return model.model_validate(data)
