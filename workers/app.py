@@ -191,7 +191,10 @@ def _start_training_intake(hostname: str) -> None:
     from workers.task_events import TaskEvents
     from workers.training_intake import CeleryHandoff
 
-    handoff = CeleryHandoff(app, direct_queue(hostname), _celery_busy)
+    # The producer already counted the job as sent; the hand-off is not a second send.
+    handoff_app = Celery("conveyor-handoff", set_as_current=False)
+    handoff_app.conf.update(celery_config(settings), task_send_sent_event=False)
+    handoff = CeleryHandoff(handoff_app, direct_queue(hostname), _celery_busy)
     url = settings.broker_url()
     process.ingest = Ingest(
         redis.Redis.from_url(url),
