@@ -26,10 +26,11 @@ from producers.admission import QueueDepthGate
 from producers.submit_claims import SubmitClaims
 from shared.celery_config import celery_config, celery_priority
 from shared.errors import JobFailed
-from shared.jobs import JobBase, parse_job
+from shared.jobs import JobBase
+from shared.kinds import RESULT_MODELS, parse_job
 from shared.names import CANCEL_KEY_PREFIX, QUEUES, TASKS, priority_lists
 from shared.redis_clients import reuse_redis_clients
-from shared.results import RESULT_MODELS, Progress
+from shared.results import Progress
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -178,16 +179,18 @@ class Client:
         the job type's: classify labels/model/top_k/label_template, transcribe model/language/
         beam_size, recommend model/k/exclude_seen. Bad input, a missing column or an unknown model
         raise here, before anything is queued."""
-        from producers.score.kinds import KINDS
+        from producers.score.kinds import scoring
         from producers.score.run import ScoreHandle, ScoreRequest, ScoreRun
         from producers.tabular import TextOptions
+        from shared.kinds import KINDS
 
-        if job_type not in KINDS:
-            raise ValueError(f"cannot score {job_type!r} jobs; one of {', '.join(KINDS)}")
+        scorable = [name for name, spec in KINDS.items() if spec.scoring is not None]
+        if job_type not in scorable:
+            raise ValueError(f"cannot score {job_type!r} jobs; one of {', '.join(scorable)}")
         request = ScoreRequest(
             Path(input), Path(out), column, keep, TextOptions(header, quoting), chunk_size, in_flight, overwrite
         )
-        run = ScoreRun(self, KINDS[job_type](**options), request)
+        run = ScoreRun(self, scoring(job_type)(**options), request)
         run.prepare()
         return ScoreHandle(run, Path(out)).start()
 

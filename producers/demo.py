@@ -12,12 +12,14 @@ import importlib.util
 import json
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from producers.client import Client
 from shared.errors import ConveyorError
 from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
+from shared.kinds import KINDS
 from shared.names import TASKS
 from shared.settings import Settings
 
@@ -73,12 +75,9 @@ def demo_audio() -> tuple[str, bytes] | None:
     return (path.name, path.read_bytes()) if path.exists() else None
 
 
-def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
-    work = settings.home / "inputs" / "demo"  # under the workers' default input roots
-    work.mkdir(parents=True, exist_ok=True)
-    print("waiting for workers ...", flush=True)
-    client.wait_for_workers(300, ["conveyor.classify"])
-    registered = _registered_tasks(client)
+def _steps(work: Path) -> list[tuple[str, Callable[[], JobBase | None]]]:
+    """The demo's jobs in order: the five kinds' own (files made here, training before the
+    jobs that use its models), then every other registered kind's ``KindSpec.demo`` job."""
     steps: list[tuple[str, Callable[[], JobBase | None]]] = [
         ("classify", lambda: ClassifyJob(
             texts=["The striker scored twice in the final minutes.", "The central bank raised interest rates.",
@@ -96,6 +95,25 @@ def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
             factors=16, epochs=15, model_type="bpr", learning_rate=0.05, batch_size=256)),
         ("recommend", lambda: RecommendJob(users=["u0", "u1", "someone-new"], k=5, model="demo-recommender")),
     ]  # fmt: skip
+    covered = {name for name, _ in steps}
+    for name, spec in KINDS.items():
+        if name not in covered and spec.demo is not None:
+            steps.append((name, partial(spec.job.model_validate, spec.demo)))
+    return steps
+
+
+def demo_types() -> set[str]:
+    """Every job type the demo runs a job of."""
+    return {name for name, _ in _steps(Path("/nonexistent"))}
+
+
+def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
+    work = settings.home / "inputs" / "demo"  # under the workers' default input roots
+    work.mkdir(parents=True, exist_ok=True)
+    print("waiting for workers ...", flush=True)
+    client.wait_for_workers(300, ["conveyor.classify"])
+    registered = _registered_tasks(client)
+    steps = _steps(work)
     failures = 0
     for job_type, build in steps:
         if TASKS[job_type] not in registered:

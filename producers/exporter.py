@@ -43,8 +43,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from producers.job_stats import read_totals
-from producers.queue_stats import CONVEYOR_QUEUES, FirstSeen, dead_letter_count, read_queues
+from producers.queue_stats import FirstSeen, dead_letter_count, read_queues
 from shared.celery_config import celery_config
+from shared.names import ALL_QUEUES
 from shared.settings import Settings
 
 log = logging.getLogger("conveyor.exporter")
@@ -81,7 +82,7 @@ class RedisCollector:
         up = GaugeMetricFamily("conveyor_redis_up", "1 if the exporter read Redis at this scrape.")
         try:
             with self._lock:
-                queues = read_queues(self.client, CONVEYOR_QUEUES, first_seen=self.first_seen)
+                queues = read_queues(self.client, first_seen=self.first_seen)
             dead = dead_letter_count(self.client)
             totals = read_totals(self.client)
         except (redis.RedisError, OSError) as exc:
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     login = "Flower's login" if settings.metrics_auth else "no login"
-    log.info("metrics on %s (%s); queues: %s", exporter.url, login, ", ".join(CONVEYOR_QUEUES))
+    log.info("metrics on %s (%s); queues: %s", exporter.url, login, ", ".join(ALL_QUEUES))
     stop.wait()
     exporter.stop()
     return 0

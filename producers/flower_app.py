@@ -12,12 +12,10 @@ from celery import Celery
 from kombu import Queue
 
 from shared.celery_config import celery_config
-from shared.names import QUEUES, WORKER_INFERENCE_QUEUES
+from shared.names import ALL_QUEUES
 from shared.settings import Settings
-
-CONVEYOR_QUEUES = sorted(set(QUEUES.values()) | set(WORKER_INFERENCE_QUEUES))
 
 # Current app: Flower reads results through AsyncResult(id) without naming an app.
 app = Celery("conveyor-flower")
 app.conf.update(celery_config(Settings()))
-app.conf.task_queues = [Queue(name) for name in CONVEYOR_QUEUES]
+app.conf.task_queues = [Queue(name) for name in ALL_QUEUES]

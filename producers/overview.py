@@ -7,7 +7,8 @@ from typing import Any
 import redis
 
 from producers.job_stats import read_totals
-from producers.queue_stats import CONVEYOR_QUEUES, dead_letter_count, read_queues
+from producers.queue_stats import dead_letter_count, read_queues
+from shared.names import ALL_QUEUES
 
 
 def overview(client: redis.Redis) -> dict[str, Any]:
@@ -19,7 +20,7 @@ def overview(client: redis.Redis) -> dict[str, Any]:
             "by_priority": {str(p): n for p, n in sorted(q.by_priority.items(), reverse=True) if n},
             "oldest_age_s": None if q.oldest_age_s is None else round(q.oldest_age_s, 3),
         }
-        for q in read_queues(client, CONVEYOR_QUEUES)
+        for q in read_queues(client, ALL_QUEUES)
     }
     totals = read_totals(client)
     jobs: dict[str, dict[str, Any]] = {}

@@ -26,12 +26,11 @@ from typing import Any
 import redis
 
 from shared.celery_config import celery_priority
-from shared.names import DEAD_LETTER_KEY, TRAINING_QUEUE, WORKER_INFERENCE_QUEUES, priority_list
+from shared.names import ALL_QUEUES, DEAD_LETTER_KEY, priority_list
 
 PRIORITIES = tuple(range(10))  # Conveyor priorities, 9 most urgent
 HEAD_BYTES = 8192  # how much of each oldest message is read
 
-CONVEYOR_QUEUES: tuple[str, ...] = (*WORKER_INFERENCE_QUEUES, TRAINING_QUEUE)
 
 _READ_LISTS = """
 local out = {}
@@ -80,7 +79,7 @@ class FirstSeen:
 
 def read_queues(
     client: redis.Redis,
-    queues: Sequence[str] = CONVEYOR_QUEUES,
+    queues: Sequence[str] = ALL_QUEUES,
     now: float | None = None,
     first_seen: FirstSeen | None = None,
 ) -> list[QueueStats]:

@@ -6,40 +6,26 @@ single positional argument (or as the keyword argument ``job``).
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final
 
-JobType = Literal["classify", "transcribe", "recommend", "train", "fine-tune"]
-JOB_TYPES: Final[tuple[JobType, ...]] = ("classify", "transcribe", "recommend", "train", "fine-tune")
+from shared import kinds
 
-# One queue per inference type, so queue depth per type is visible; long jobs
-# (train, fine-tune) share one queue that is consumed one job at a time per device.
-TRAINING_QUEUE: Final = "conveyor.training"
-QUEUES: Final[dict[str, str]] = {
-    "classify": "conveyor.classify",
-    "transcribe": "conveyor.transcribe",
-    "recommend": "conveyor.recommend",
-    "train": TRAINING_QUEUE,
-    "fine-tune": TRAINING_QUEUE,
-}
-INFERENCE_QUEUES: Final[tuple[str, ...]] = ("conveyor.classify", "conveyor.transcribe", "conveyor.recommend")
+# Queue and task names come from the job-kind registry (shared/kinds/): each kind declares its
+# own, and these tables are derived from them.
+JobType = str  # a registered kind's name: shared.kinds.JOB_TYPES
+JOB_TYPES: Final[tuple[str, ...]] = kinds.JOB_TYPES
+TRAINING_QUEUE: Final = kinds.TRAINING_QUEUE
+QUEUES: Final[dict[str, str]] = kinds.QUEUES
+TASKS: Final[dict[str, str]] = kinds.TASKS
+INFERENCE_QUEUES: Final[tuple[str, ...]] = kinds.INFERENCE_QUEUES
 # Bulk offline scoring (`conveyor score`) sends its chunks here, under the same task names:
 # an inference worker takes from these only when every interactive queue is empty, at every
 # priority, so a bulk run never delays interactive jobs by more than the batch in flight.
-BULK_QUEUES: Final[dict[str, str]] = {
-    "classify": "conveyor.bulk.classify",
-    "transcribe": "conveyor.bulk.transcribe",
-    "recommend": "conveyor.bulk.recommend",
-}
+BULK_QUEUES: Final[dict[str, str]] = kinds.BULK_QUEUES
 # What an inference worker consumes, most urgent first.
 WORKER_INFERENCE_QUEUES: Final[tuple[str, ...]] = INFERENCE_QUEUES + tuple(BULK_QUEUES.values())
-
-TASKS: Final[dict[str, str]] = {
-    "classify": "conveyor.classify",
-    "transcribe": "conveyor.transcribe",
-    "recommend": "conveyor.recommend",
-    "train": "conveyor.train",
-    "fine-tune": "conveyor.fine_tune",
-}
+# Every queue Conveyor's workers consume (what Flower, the exporter and `conveyor status` watch).
+ALL_QUEUES: Final[tuple[str, ...]] = (*WORKER_INFERENCE_QUEUES, TRAINING_QUEUE)
 
 # Redis keys written by Conveyor itself (beside Celery's own).
 IDEMPOTENCY_KEY_PREFIX: Final = "conveyor:idempotency:"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -93,12 +93,3 @@ class Progress(BaseModel):
     loss: float | None = None
     items_per_s: float | None = None
     eta_s: float | None = None
-
-
-RESULT_MODELS: Final[dict[str, type[BaseModel]]] = {
-    "classify": ClassifyResult,
-    "transcribe": TranscribeResult,
-    "recommend": RecommendResult,
-    "train": TrainingResult,
-    "fine-tune": TrainingResult,
-}

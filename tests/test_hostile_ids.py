@@ -35,8 +35,8 @@ from shared.jobs import (
     RecommendJob,
     TrainJob,
     TranscribeJob,
-    parse_job,
 )
+from shared.kinds import parse_job
 from shared.model_store import ModelStore
 from shared.wire_text import MAX_NESTING, find_invalid_text
 from workers.long_jobs import checkpoint_dir, run_long_job

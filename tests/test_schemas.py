@@ -12,15 +12,14 @@ from pydantic import ValidationError
 
 from shared.errors import describe_validation_error
 from shared.jobs import (
-    JOB_MODELS,
     MAX_INLINE_AUDIO_BYTES,
     MAX_TEXT_CHARS,
     MAX_TEXTS_PER_JOB,
     ClassifyJob,
     RecommendJob,
     TranscribeJob,
-    parse_job,
 )
+from shared.kinds import JOB_MODELS, parse_job
 
 
 def _message(exc_info: pytest.ExceptionInfo[ValidationError]) -> str:

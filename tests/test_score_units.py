@@ -16,7 +16,7 @@ from rich.console import Console
 from producers.client import JobStatus
 from producers.progress import follow_long_job
 from producers.score.broker import ChunkBroker
-from producers.score.kinds import ClassifyKind, RecommendKind, TranscribeKind
+from producers.score.kinds import ClassifyScoring, RecommendScoring, TranscribeScoring
 from producers.score.run import _ResultFeed
 from producers.score.state import JOURNAL, Manifest, ResumeRefused, RunState, state_dir_for
 from producers.tabular import TableReader, TabularError, TextOptions, file_format, open_writer, read_table
@@ -125,7 +125,7 @@ def test_result_feed_lines_chunks_up_with_batches_of_any_size(tmp_path: Path) ->
 
 
 def test_rows_are_checked_before_they_reach_a_job() -> None:
-    kind = ClassifyKind(labels=["a", "b"])
+    kind = ClassifyScoring(labels=["a", "b"])
     assert kind.check("fine") == ("fine", None)
     assert kind.check("  ") == (None, "text is blank")
     assert kind.check(None) == (None, "text is missing")
@@ -136,11 +136,11 @@ def test_rows_are_checked_before_they_reach_a_job() -> None:
     assert kind.chunk_size(Settings(max_batch_size=32)) == 128
     assert kind.chunk_size(Settings(max_batch_size=1024)) == 512  # the schema's limit per job
 
-    rec = RecommendKind(model="tiny", k=3)
+    rec = RecommendScoring(model="tiny", k=3)
     assert rec.check(42) == ("42", None) and rec.check("u" * 201)[1] is not None
     cols = rec.columns({"results": [{"user": "42", "items": [{"item": "i1", "score": 0.5}], "fallback": True}]}, 1)
     assert json.loads(cols["items"][0]) == [{"item": "i1", "score": 0.5}] and cols["fallback"] == [True]
-    assert TranscribeKind().chunk_size(Settings()) == 1
+    assert TranscribeScoring().chunk_size(Settings()) == 1
 
 
 def test_lost_chunks_are_told_from_queued_and_held_ones(conveyor_env: dict[str, str], tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_lost_chunks_are_told_from_queued_and_held_ones(conveyor_env: dict[str, 
         broker = ChunkBroker(client, "classify")
         broker.queue = "conveyor.test.bulk-lost"  # no worker consumes it
         prefix = "score-feedbeef00000000-"
-        kind = ClassifyKind(labels=["a", "b"])
+        kind = ClassifyScoring(labels=["a", "b"])
         broker.publish(kind.job(prefix + "0000000", ["queued"]))
         broker.publish(kind.job(prefix + "0000002-r1", ["queued again"]))
         client.redis.hset("unacked", "tag-x", json.dumps({"headers": {"id": prefix + "0000001"}}))
@@ -204,7 +204,7 @@ def test_chunks_cut_across_read_blocks_in_order(conveyor_env: dict[str, str], tm
     path.write_text("text\n" + "".join(f"row {i}\n" for i in range(300_003)))
     with Client() as client:
         run = ScoreRun(
-            client, ClassifyKind(labels=["a", "b"]), ScoreRequest(path, tmp_path / "o.csv", "text", chunk_size=1000)
+            client, ClassifyScoring(labels=["a", "b"]), ScoreRequest(path, tmp_path / "o.csv", "text", chunk_size=1000)
         )
         state = run.prepare()
         assert state.manifest.rows == 300_003 and state.manifest.chunks == 301
@@ -221,7 +221,7 @@ def test_a_full_classify_chunk_of_the_longest_texts_is_a_valid_job() -> None:
     from shared.jobs import MAX_TEXT_CHARS, ClassifyJob
     from shared.settings import Settings
 
-    kind = ClassifyKind(labels=["a", "b"])
+    kind = ClassifyScoring(labels=["a", "b"])
     rows = ["x" * MAX_TEXT_CHARS] * kind.chunk_size(Settings())
     assert isinstance(kind.job("score-abc-0000001", rows), ClassifyJob)
     ClassifyJob.model_validate(kind.job("score-abc-0000001", rows).model_dump())

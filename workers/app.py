@@ -187,7 +187,8 @@ def _start_ingest(hostname: str) -> None:
 def _start_training_intake(hostname: str) -> None:
     """Training messages through the ingest's intake, one at a time while Celery is idle, then
     handed to Celery's own task path on this worker's private queue (``workers.training_intake``)."""
-    from workers.ingest import TRAINING_TYPES, Ingest
+    from shared.kinds import TRAINING_TYPES
+    from workers.ingest import Ingest
     from workers.task_events import TaskEvents
     from workers.training_intake import CeleryHandoff
 

@@ -38,7 +38,8 @@ from pydantic import ValidationError
 from shared import dead_letters
 from shared.celery_config import celery_priority
 from shared.errors import ConveyorError, InvalidJob, JobCancelled, JobExpired, describe_validation_error
-from shared.jobs import JOB_MODELS, ClassifyJob, JobBase, RecommendJob
+from shared.jobs import JobBase
+from shared.kinds import INFERENCE_TYPES, JOB_MODELS, KINDS, by_task
 from shared.names import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_KEY,
@@ -66,8 +67,6 @@ CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
 # of the most urgent jobs where kombu files it.
 DEFAULT_CELERY_PRIORITY = celery_priority(JobBase.model_fields["priority"].default)
 
-INFERENCE_TYPES: tuple[str, ...] = ("classify", "transcribe", "recommend")
-TRAINING_TYPES: tuple[str, ...] = ("train", "fine-tune")
 # A runtime's ``done`` value for a job passed on whole to Celery's own task path (training): the
 # message is acknowledged here, with no result; Celery's worker writes that.
 HANDED_OFF: Any = object()
@@ -334,24 +333,23 @@ def validate_job(model: type[JobBase], data: dict[str, Any], task_id: str | None
 
 
 def item_count(job: JobBase) -> int:
-    if isinstance(job, ClassifyJob):
-        return len(job.texts)
-    if isinstance(job, RecommendJob):
-        return len(job.users)
-    return 1
+    """A job's batch items: the entries of its kind's ``items`` field, or one."""
+    spec = KINDS.get(job.type)
+    field = spec.items if spec is not None else None
+    return max(1, len(getattr(job, field))) if field else 1
 
 
 def rough_items(env: Envelope) -> int:
     """Items of a decoded message before it is validated (prefetch counts items, not messages)."""
+    spec = by_task(env.task or "")
+    if spec is None or spec.items is None:
+        return 1
     try:
         data = job_data(env.args, env.kwargs)
     except InvalidJob:
         return 1
-    for field in ("texts", "users"):
-        value = data.get(field)
-        if isinstance(value, list):
-            return max(1, len(value))
-    return 1
+    value = data.get(spec.items)
+    return max(1, len(value)) if isinstance(value, list) else 1
 
 
 class InFlight:

@@ -21,8 +21,9 @@ from typing import Any
 import redis
 from celery import Task
 
+from shared import kinds
 from shared.errors import JobCancelled
-from shared.jobs import FineTuneJob, JobBase, TrainJob
+from shared.jobs import JobBase
 from shared.model_store import RESULT_KEY, ModelVersion
 from shared.names import CANCEL_KEY_PREFIX
 from shared.results import JobMeta, Progress, TrainingResult
@@ -42,11 +43,14 @@ def checkpoint_dir(runtime: Runtime, job: JobBase) -> Path:
     return checkpoint.directory_for(checkpoint_root(runtime), job.id)
 
 
-def run_long_job(task: Task, job: TrainJob | FineTuneJob, runtime: Runtime, worker: str) -> TrainingResult:
+def run_long_job(task: Task, job: JobBase, runtime: Runtime, worker: str) -> TrainingResult:
     started = time.monotonic()
     picked_at = datetime.now(UTC)
     ckpt = checkpoint_dir(runtime, job)
-    published = runtime.store.find_by_job(job.output_name, job.id)
+    output_name = getattr(job, "output_name", None)  # every training kind names what it publishes
+    if not isinstance(output_name, str):
+        raise TypeError(f"{job.type} jobs name no output_name: not a training kind")
+    published = runtime.store.find_by_job(output_name, job.id)
     if published is not None:
         # Redelivered after it published (the worker died before the ack): its effect happened.
         log.info("job %s already published %s; returning that result without training", job.id, published.ref)
@@ -130,10 +134,6 @@ def _result(
 
 
 def _trainer(job: JobBase) -> Trainer:
-    if isinstance(job, TrainJob):
-        from workers.training.recommender import train_recommender
-
-        return train_recommender
-    from workers.training.finetune import fine_tune
-
-    return fine_tune
+    """The kind's trainer, from the registry's import path."""
+    trainer: Trainer = kinds.import_path(kinds.get(job.type).runner)
+    return trainer

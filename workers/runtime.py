@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from shared import kinds
 from shared.errors import JobExpired, TransientError
 from shared.jobs import JobBase
 from shared.model_store import ModelStore
@@ -42,19 +43,12 @@ def pick_device(wanted: str) -> str:
 
 
 def _build_kind(job_type: str, store: ModelStore, cache: ModelCache, device: str) -> JobKind:
-    if job_type == "classify":
-        from workers.runners.classify import ClassifyKind
-
-        return ClassifyKind(store, cache, device)
-    if job_type == "transcribe":
-        from workers.runners.transcribe import TranscribeKind
-
-        return TranscribeKind(store, cache, device)
-    if job_type == "recommend":
-        from workers.runners.recommend import RecommendKind
-
-        return RecommendKind(store, cache, device)
-    raise ValueError(f"{job_type!r} is not an inference job type")
+    """The kind's runner, from the registry's import path (torch is imported here, on first use)."""
+    spec = kinds.get(job_type)
+    if not spec.inference:
+        raise ValueError(f"{job_type!r} is not an inference job type")
+    kind: JobKind = kinds.import_path(spec.runner)(store, cache, device)
+    return kind
 
 
 class Runtime:

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from celery import Task
 
 from shared.errors import InvalidJob, JobCancelled, JobExpired, ModelNotFound
-from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
-from shared.names import TASKS
+from shared.jobs import JobBase
+from shared.kinds import KINDS, KindSpec
 from workers.app import app, process, runtime
 from workers.ingest import job_data, validate_job
 
@@ -39,24 +39,7 @@ def _run(model: type[JobBase], task: Task, args: tuple[Any, ...], kwargs: dict[s
     return rt.run(job)
 
 
-@app.task(name=TASKS["classify"], bind=True, throws=EXPECTED)
-def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _run(ClassifyJob, self, args, kwargs)
-
-
-@app.task(name=TASKS["transcribe"], bind=True, throws=EXPECTED)
-def transcribe(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _run(TranscribeJob, self, args, kwargs)
-
-
-@app.task(name=TASKS["recommend"], bind=True, throws=EXPECTED)
-def recommend(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _run(RecommendJob, self, args, kwargs)
-
-
-def _long(
-    task: Task, model: type[TrainJob] | type[FineTuneJob], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any]:
+def _long(task: Task, model: type[JobBase], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     from workers.long_jobs import run_long_job
 
     started = time.monotonic()
@@ -75,11 +58,25 @@ def _long(
             process.metrics.job(job.type, state, queue_s, time.monotonic() - started)
 
 
-@app.task(name=TASKS["train"], bind=True, throws=EXPECTED, track_started=True)
-def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _long(self, TrainJob, args, kwargs)
+def _register(spec: KindSpec) -> Task:
+    """One Celery task per registered kind, by its name: inference kinds through the runtime
+    (when the ingest is off), training kinds on Celery's path with progress."""
+    model = spec.job
+    if spec.inference:
+
+        def run(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return _run(model, self, args, kwargs)
+
+        options: dict[str, Any] = {}
+    else:
+
+        def run(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return _long(self, model, args, kwargs)
+
+        options = {"track_started": True}
+    run.__name__ = run.__qualname__ = spec.name.replace("-", "_")
+    task: Task = app.task(name=spec.task, bind=True, throws=EXPECTED, **options)(run)
+    return task
 
 
-@app.task(name=TASKS["fine-tune"], bind=True, throws=EXPECTED, track_started=True)
-def fine_tune(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _long(self, FineTuneJob, args, kwargs)
+CELERY_TASKS: dict[str, Task] = {name: _register(spec) for name, spec in KINDS.items()}

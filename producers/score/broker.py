@@ -22,7 +22,7 @@ UNACKED_KEY = "unacked"  # kombu's hash of delivered, not yet acknowledged messa
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ChunkOutcome:
     job_id: str
     ok: bool
     result: dict[str, Any] | None = None
@@ -39,7 +39,7 @@ class ChunkBroker:
     def publish(self, job: JobBase) -> None:
         self.client.submit_many([job], queue=self.queue)
 
-    def poll(self, job_ids: list[str]) -> list[Outcome]:
+    def poll(self, job_ids: list[str]) -> list[ChunkOutcome]:
         """The jobs among ``job_ids`` that have finished, successfully or not."""
         if not job_ids:
             return []
@@ -53,14 +53,14 @@ class ChunkBroker:
             if status == "SUCCESS":
                 value = meta.get("result")
                 if isinstance(value, dict):
-                    outcomes.append(Outcome(job_id, True, value))
+                    outcomes.append(ChunkOutcome(job_id, True, value))
                 else:
                     outcomes.append(
-                        Outcome(job_id, False, error_type="BadResult", error=f"not a JSON object: {value!r}")
+                        ChunkOutcome(job_id, False, error_type="BadResult", error=f"not a JSON object: {value!r}")
                     )
             elif status in ("FAILURE", "REVOKED"):
                 error_type, message = _failure(meta.get("result"))
-                outcomes.append(Outcome(job_id, False, error_type=error_type or status, error=message))
+                outcomes.append(ChunkOutcome(job_id, False, error_type=error_type or status, error=message))
         return outcomes
 
     def forget(self, job_ids: list[str]) -> None:

@@ -43,14 +43,14 @@ def _split(values: str | None) -> list[str] | None:
 def _score(job_type: str, options: dict[str, Any], input: Path, out: Path, column: str, common: dict[str, Any]) -> None:
     from producers.client import Client
     from producers.progress import ScoreBar, summary_line
-    from producers.score.kinds import KINDS
+    from producers.score.kinds import scoring
     from producers.score.run import ScoreAborted, ScoreRequest, ScoreRun
     from producers.score.state import ResumeRefused
     from producers.tabular import TextOptions
 
     quiet = common["quiet"]
     try:
-        kind = KINDS[job_type](**options)
+        kind = scoring(job_type)(**options)
     except ValidationError as exc:
         _fail(f"invalid {job_type} options: {describe_validation_error(exc)}", 2)
     request = ScoreRequest(

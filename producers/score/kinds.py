@@ -13,6 +13,7 @@ from typing import Any, Final, Protocol
 
 import pyarrow as pa
 
+from shared import kinds
 from shared.jobs import (
     MAX_PATH_CHARS,
     MAX_TEXT_CHARS,
@@ -30,7 +31,7 @@ ERROR_COLUMN: Final = "error"
 MAX_USER_CHARS: Final = 200  # RecommendJob.users items
 
 
-class ScoreKind(Protocol):
+class Scoring(Protocol):
     """The plug-in point per job type."""
 
     job_type: str
@@ -74,7 +75,7 @@ def _text_value(value: Any, what: str) -> tuple[str | None, str | None]:
     return text, None
 
 
-class ClassifyKind:
+class ClassifyScoring:
     job_type = "classify"
     result_fields = (
         pa.field("label", pa.string()),
@@ -131,7 +132,7 @@ class ClassifyKind:
         }
 
 
-class TranscribeKind:
+class TranscribeScoring:
     """One row (an audio path the workers can read) is one job: its failure is its row's error."""
 
     job_type = "transcribe"
@@ -167,7 +168,7 @@ class TranscribeKind:
         return {"text": [result["text"]]}
 
 
-class RecommendKind:
+class RecommendScoring:
     """Users unknown to the model get popular items (flagged in ``fallback``), as interactive jobs do."""
 
     job_type = "recommend"
@@ -212,4 +213,10 @@ class RecommendKind:
         }
 
 
-KINDS: Final = {"classify": ClassifyKind, "transcribe": TranscribeKind, "recommend": RecommendKind}
+def scoring(job_type: str) -> type[Scoring]:
+    """The bulk-scoring adapter of a job kind, from the registry (``KindSpec.scoring``)."""
+    spec = kinds.get(job_type)
+    if spec.scoring is None:
+        raise kinds.UnknownKind(f"{job_type} jobs have no bulk scoring")
+    adapter: type[Scoring] = kinds.import_path(spec.scoring)
+    return adapter

@@ -23,8 +23,8 @@ import pyarrow as pa
 import redis
 from kombu.exceptions import OperationalError
 
-from producers.score.broker import ChunkBroker, Outcome
-from producers.score.kinds import ERROR_COLUMN, ScoreKind
+from producers.score.broker import ChunkBroker, ChunkOutcome
+from producers.score.kinds import ERROR_COLUMN, Scoring
 from producers.score.state import JOURNAL, Manifest, RunState, state_dir_for
 from producers.tabular import TableReader, TabularError, TextOptions, file_format, file_sha256, open_writer
 from shared.errors import ConveyorError, ModelNotFound, QueueFull
@@ -106,7 +106,7 @@ class _Flight:
 
 
 class ScoreRun:
-    def __init__(self, client: Client, kind: ScoreKind, request: ScoreRequest) -> None:
+    def __init__(self, client: Client, kind: Scoring, request: ScoreRequest) -> None:
         self.client = client
         self.kind = kind
         self.request = request
@@ -306,7 +306,7 @@ class ScoreRun:
         self._redis(lambda: self.broker.forget([o.job_id for o in outcomes]))
         self._report("scoring")
 
-    def _record(self, flight: _Flight, outcome: Outcome | None) -> None:
+    def _record(self, flight: _Flight, outcome: ChunkOutcome | None) -> None:
         assert self.state is not None
         n = len(flight.errors)
         columns: dict[str, list[Any]] = {f.name: [None] * n for f in self.kind.result_fields}
@@ -318,7 +318,7 @@ class ScoreRun:
                     for pos, value in zip(flight.valid, values):
                         columns[name][pos] = value
             except (KeyError, TypeError, ValueError, IndexError) as exc:
-                outcome = Outcome(outcome.job_id, False, error_type="BadResult", error=str(exc))
+                outcome = ChunkOutcome(outcome.job_id, False, error_type="BadResult", error=str(exc))
         if outcome is not None and not outcome.ok:
             for pos in flight.valid:
                 errors[pos] = f"{outcome.error_type}: {outcome.error}"
