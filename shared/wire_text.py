@@ -58,7 +58,10 @@ def _surrogate_error(value: str) -> str | None:
     try:
         value.encode("utf-16-le")  # refuses exactly what UTF-8 refuses (lone surrogates), ~3x faster
     except UnicodeEncodeError as exc:
-        return f"not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}"
+        code = ord(value[exc.start])
+        # U+DC80-U+DCFF is how a byte that is not UTF-8 arrives (decoded with surrogateescape).
+        byte = f": the byte 0x{code - 0xDC00:02X}, not UTF-8" if 0xDC80 <= code <= 0xDCFF else ""
+        return f"not valid Unicode: a lone surrogate (U+{code:04X}{byte}) at character {exc.start}"
     return None
 
 
