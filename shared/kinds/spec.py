@@ -31,6 +31,16 @@ class CliOption:
 
 
 @dataclass(frozen=True)
+class ScoreColumn:
+    """One output column of `conveyor score NAME`: ``key`` of each item's entry in the result's
+    ``results`` list (one entry per item, in order)."""
+
+    name: str
+    key: str
+    type: Literal["string", "float", "int", "json"] = "json"  # json: the value as a JSON string
+
+
+@dataclass(frozen=True)
 class KindSpec:
     """One job kind. ``runner`` is an import path (``module:attribute``), so producers never
     import torch: for an inference kind a ``workers.kinds.JobKind`` class built with
@@ -44,7 +54,11 @@ class KindSpec:
     summary: str  # one line: `conveyor submit` help, the README's list
     # The job's list field whose entries are batch items (prefetch counts them); None: one item.
     items: str | None = None
-    # Bulk scoring (`conveyor score NAME`): an import path of a producers.score.kinds.Scoring class.
+    # Bulk scoring (`conveyor score NAME`): the columns each row gets, read from the item's entry
+    # in the result (the generic adapter: rows are the ``items`` field's entries, the other job
+    # fields are the command's options); or, for a kind that needs more, an import path of a
+    # producers.score.kinds.Scoring class.
+    score_columns: tuple[ScoreColumn, ...] = ()
     scoring: str | None = None
     # `conveyor submit NAME`: fields the command leaves out (set by the command itself, or none).
     cli: dict[str, CliOption] = field(default_factory=dict)
@@ -72,7 +86,11 @@ class KindSpec:
     @property
     def bulk_queue(self) -> str | None:
         """Where `conveyor score` sends its chunks: only kinds with bulk scoring have one."""
-        return BULK_QUEUE_PREFIX + self.name if self.scoring is not None else None
+        return BULK_QUEUE_PREFIX + self.name if self.scorable else None
+
+    @property
+    def scorable(self) -> bool:
+        return self.scoring is not None or bool(self.score_columns)
 
     @property
     def inference(self) -> bool:
