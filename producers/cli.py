@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import typing
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -16,10 +15,11 @@ import typer
 from pydantic import ValidationError
 
 from producers.dlq_cli import dlq_app
+from producers.schema_options import option_values, schema_options
 from producers.score.cli import score_app
 from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
-from shared.kinds import JOB_MODELS, KINDS, CliOption, KindSpec
+from shared.kinds import JOB_MODELS, KINDS, KindSpec
 from shared.model_store import ModelStore
 from shared.settings import Settings
 
@@ -224,79 +224,19 @@ def submit_fine_tune(
 
 
 # -- submit commands generated from a kind's schema (every kind without a command above) -------
-# Envelope fields a submit command leaves to the schema's defaults (id, timestamps, version).
-_ENVELOPE = ("id", "type", "schema_version", "submitted_at")
-
-
-def _cli_type(annotation: Any, option: CliOption) -> tuple[Any, str]:
-    """The option's type for typer, and how to turn its value into the field's."""
-    if option.file is not None:
-        return Path, option.file
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    base = args[0]
-    origin = typing.get_origin(base)
-    if origin is list:
-        return (str, "split") if option.split else (list[str], "list")
-    if origin is typing.Annotated:
-        base = typing.get_args(base)[0]
-    if base is bool:
-        return bool, "bool"
-    if base in (int, float):
-        return base, "plain"
-    if typing.get_origin(base) is typing.Literal or base is str:
-        return str, "plain"
-    return str, "json"  # anything else (an object): given as JSON
-
-
-def _convert(value: Any, how: str) -> Any:
-    if how == "base64":
-        path = Path(value)
-        if not path.is_file():
-            _fail(f"{path}: no such file", 2)
-        return base64.b64encode(path.read_bytes()).decode()
-    if how == "path":
-        return str(Path(value).resolve())
-    if how == "split":
-        return _split(value)
-    if how == "json":
-        try:
-            return json.loads(value)
-        except ValueError as exc:
-            _fail(f"{value!r} is not JSON: {exc}", 2)
-    return value
-
-
 def generated_submit(spec: KindSpec) -> Any:
-    """`conveyor submit NAME` for a kind, from its job schema: one option per field (help and
-    default from the schema), lists repeated, files read as the spec says; only the options
-    given are sent, and the schema validates the job as a whole."""
-    params: list[inspect.Parameter] = []
-    how: dict[str, str] = {}
-    for name, info in spec.job.model_fields.items():
-        if name in _ENVELOPE or name in spec.cli_skip:
-            continue
-        option = spec.cli.get(name, CliOption())
-        flag = option.flag or "--" + name.replace("_", "-")
-        kind, how[name] = _cli_type(info.annotation, option)
-        text = info.description or name.replace("_", " ")
-        default = None if info.is_required() else info.get_default(call_default_factory=False)
-        if info.is_required():
-            text += " (required)"
-        elif default is not None:
-            text += f" (default: {default})"
-        decls = [f"{flag}/--no-{flag[2:]}"] if how[name] == "bool" else [flag]
-        params.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                annotation=Annotated[kind | None, typer.Option(*decls, help=text)],
-            )
-        )  # fmt: skip
+    """`conveyor submit NAME` for a kind, from its job schema (producers/schema_options.py): only
+    the options given are sent, and the schema validates the job as a whole."""
+    params, how = schema_options(spec)
     params.append(inspect.Parameter("wait", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Wait))
     params.append(inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, default=300.0, annotation=Timeout))
 
     def command(**values: Any) -> None:
         wait, timeout = values.pop("wait"), values.pop("timeout")
-        fields = {k: _convert(v, how[k]) for k, v in values.items() if v is not None}
+        try:
+            fields = option_values(values, how)
+        except ValueError as exc:
+            _fail(str(exc), 2)
         _submit(spec.name, fields, wait, timeout)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

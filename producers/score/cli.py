@@ -1,15 +1,18 @@
-"""`conveyor score classify|transcribe|recommend FILE --column C --out OUT`: a whole file
+"""`conveyor score KIND FILE --column C --out OUT`: a whole file
 through the workers, with a live bar; the same command again resumes an interrupted run."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
 
+from producers.schema_options import option_values, schema_options
 from shared.errors import describe_validation_error
+from shared.kinds import KINDS, KindSpec
 
 score_app = typer.Typer(
     help="Score every row of a CSV, TSV, JSONL or Parquet file into an output file (format by extension), "
@@ -162,3 +165,50 @@ def score_recommend(
     options = {"model": model, "k": k, "exclude_seen": not include_seen}
     _score("recommend", options, input, out, column,
            _common(keep, header, quoting, chunk_size, in_flight, overwrite, quiet, model_check))  # fmt: skip
+
+
+def generated_score(spec: KindSpec) -> Any:
+    """`conveyor score NAME` for a kind that declares ``score_columns``: the job's other fields are
+    options (producers/schema_options.py), each row one entry of its ``items`` field."""
+    assert spec.items is not None
+    params, how = schema_options(spec, skip=(spec.items,))
+    row = spec.items[:-1] if spec.items.endswith("s") else spec.items
+    fixed = [
+        inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Input),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Out),
+        inspect.Parameter(
+            "column", inspect.Parameter.KEYWORD_ONLY, default=row,
+            annotation=Annotated[str, typer.Option(help=f"The column holding each {row}.")],
+        ),
+    ]  # fmt: skip
+    common = [
+        ("keep", Keep, None), ("header", Header, True), ("quoting", Quoting, True), ("chunk_size", ChunkSize, None),
+        ("in_flight", InFlight, None), ("overwrite", Overwrite, False), ("quiet", Quiet, False),
+        ("model_check", ModelCheck, True),
+    ]  # fmt: skip
+    tail = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in common]
+
+    def command(**values: Any) -> None:
+        input, out, column = values.pop("input"), values.pop("out"), values.pop("column")
+        shared = {name: values.pop(name) for name, _, _ in common}
+        try:
+            options = option_values(values, how)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+        _score(spec.name, options, input, out, column, shared)
+
+    command.__signature__ = inspect.Signature([*fixed, *params, *tail])  # type: ignore[attr-defined]
+    columns = ", ".join(c.name for c in spec.score_columns)
+    command.__doc__ = f"Adds {columns} and error to every row: {spec.summary}"
+    command.__name__ = f"score_{spec.name.replace('-', '_')}"
+    return command
+
+
+def _add_generated_scores() -> None:
+    have = {c.name for c in score_app.registered_commands}
+    for name, spec in KINDS.items():
+        if name not in have and spec.score_columns and spec.scoring is None:
+            score_app.command(name)(generated_score(spec))
+
+
+_add_generated_scores()

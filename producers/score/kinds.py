@@ -8,12 +8,17 @@ out of the job and gets its error in its own row, so its chunk-mates are still s
 from __future__ import annotations
 
 import json
+import typing
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, Protocol
 
 import pyarrow as pa
+from pydantic import TypeAdapter, ValidationError
 
 from shared import kinds
+from shared.errors import describe_validation_error
 from shared.jobs import (
     MAX_PATH_CHARS,
     MAX_TEXT_CHARS,
@@ -213,10 +218,91 @@ class RecommendScoring:
         }
 
 
-def scoring(job_type: str) -> type[Scoring]:
-    """The bulk-scoring adapter of a job kind, from the registry (``KindSpec.scoring``)."""
+_ARROW_TYPES: Final = {"string": pa.string(), "float": pa.float64(), "int": pa.int64(), "json": pa.string()}
+
+
+class ItemScoring:
+    """Bulk scoring for any kind that declares ``score_columns``: each row is one entry of the
+    kind's ``items`` list field (its value, or ``{score_row: value}``), the run's options are the
+    job's other fields, and each row's columns are keys of its entry in the result's ``results``."""
+
+    def __init__(self, spec: kinds.KindSpec, **options: Any) -> None:
+        if spec.items is None or not spec.score_columns:
+            raise ValueError(f"{spec.name} declares no items field and score columns")
+        self.spec = spec
+        self.job_type = spec.name
+        self.items = spec.items
+        self.result_fields = tuple(pa.field(c.name, _ARROW_TYPES[c.type]) for c in spec.score_columns)
+        self._options = {k: v for k, v in options.items() if v is not None}
+        self._item = TypeAdapter(typing.get_args(spec.job.model_fields[spec.items].annotation)[0] or Any)
+        item_schema = spec.job.model_json_schema()["properties"][spec.items]
+        self._max_items = int(item_schema.get("maxItems", MAX_TEXTS_PER_JOB))
+        # Validate the options once, with a probe row, so a bad option fails before anything runs.
+        self._template: JobBase | None
+        try:
+            self._template = spec.job.model_validate({**self._options, self.items: [self._wrap("probe")]})
+        except ValidationError as exc:
+            problems = [e for e in exc.errors() if (e.get("loc") or ("",))[0] != self.items]
+            if problems:
+                raise
+            self._template = None
+
+    def _wrap(self, value: Any) -> Any:
+        return {self.spec.score_row: value} if self.spec.score_row else value
+
+    def options(self) -> dict[str, Any]:
+        return dict(self._options)
+
+    def model_ref(self) -> str | None:
+        model = getattr(self._template, "model", None) if self._template is not None else self._options.get("model")
+        return model if isinstance(model, str) else None
+
+    def chunk_size(self, settings: Settings) -> int:
+        return max(1, min(self._max_items, 4 * settings.max_batch_size))
+
+    def in_flight(self, settings: Settings) -> int:
+        return 4
+
+    def check(self, value: Any) -> tuple[Any, str | None]:
+        checked, error = _text_value(value, self.items.rstrip("s"))
+        if error is not None:
+            return None, error
+        item = self._wrap(checked)
+        try:
+            self._item.validate_python(item)
+        except ValidationError as exc:
+            return None, describe_validation_error(exc)
+        return checked, None
+
+    def job(self, job_id: str, values: list[Any]) -> JobBase:
+        fields = {**self._options, self.items: [self._wrap(v) for v in values], **_bulk(job_id)}
+        return self.spec.job.model_validate(fields)
+
+    def columns(self, result: dict[str, Any], count: int) -> dict[str, list[Any]]:
+        rows = result["results"]
+        if len(rows) != count:
+            raise ValueError(f"{self.job_type} result has {len(rows)} rows for {count} items")
+        out: dict[str, list[Any]] = {}
+        for column in self.spec.score_columns:
+            values = [row.get(column.key) for row in rows]
+            if column.type == "json":
+                out[column.name] = [json.dumps(v, ensure_ascii=False) for v in values]
+            elif column.type == "float":
+                out[column.name] = [None if v is None else float(v) for v in values]
+            elif column.type == "int":
+                out[column.name] = [None if v is None else int(v) for v in values]
+            else:
+                out[column.name] = [None if v is None else str(v) for v in values]
+        return out
+
+
+def scoring(job_type: str) -> Callable[..., Scoring]:
+    """The bulk-scoring adapter of a job kind, from the registry: the kind's own class
+    (``KindSpec.scoring``) or the generic ``ItemScoring`` for its ``score_columns``."""
     spec = kinds.get(job_type)
-    if spec.scoring is None:
-        raise kinds.UnknownKind(f"{job_type} jobs have no bulk scoring")
-    adapter: type[Scoring] = kinds.import_path(spec.scoring)
-    return adapter
+    if spec.scoring is not None:
+        adapter: type[Scoring] = kinds.import_path(spec.scoring)
+        return adapter
+    if spec.score_columns:
+        return partial(ItemScoring, spec)
+    raise kinds.UnknownKind(f"{job_type} jobs have no bulk scoring")

@@ -59,6 +59,7 @@ class KindSpec:
     # fields are the command's options); or, for a kind that needs more, an import path of a
     # producers.score.kinds.Scoring class.
     score_columns: tuple[ScoreColumn, ...] = ()
+    score_row: str | None = None  # a row's value becomes {score_row: value} in ``items`` (None: the value)
     scoring: str | None = None
     # `conveyor submit NAME`: fields the command leaves out (set by the command itself, or none).
     cli: dict[str, CliOption] = field(default_factory=dict)
