@@ -64,7 +64,10 @@ class TrainSet:
         return Csr.build(self.item, self.user, self.weight, self.n_items)
 
 
-class Trainer(Protocol):
+class FactorTrainer(Protocol):
+    """One matrix-factorization method, epoch by epoch (BPR, ALS); not to be confused with
+    ``workers.training.loop.Trainer``, a whole training job."""
+
     steps: int  # steps per epoch, as progress reports them
 
     def run_epoch(self, epoch: int, pacer: Pacer) -> float: ...

@@ -30,7 +30,7 @@ from shared.model_store import RESULT_KEY, ModelStore
 from workers.training import checkpoint
 from workers.training.data import Interactions, read_interactions
 from workers.training.loop import Pacer, ProgressFn, StopFn, TrainingOutcome, job_fingerprint
-from workers.training.mf import AlsTrainer, BprTrainer, Csr, Trainer, TrainSet
+from workers.training.mf import AlsTrainer, BprTrainer, Csr, FactorTrainer, TrainSet
 
 TOP_K: Final = 10
 EVAL_USERS_PER_BLOCK: Final = 1024
@@ -111,7 +111,7 @@ def train_recommender(
     data = read_interactions(resolve_input(job.interactions_path, field="interactions_path"))
     split = holdout_split(data, job.holdout)
     dev = torch.device(device)
-    trainer: Trainer
+    trainer: FactorTrainer
     if job.model_type == "bpr":
         trainer = BprTrainer(
             split.train, job.factors, job.learning_rate, job.regularization, job.batch_size, job.seed, dev
