@@ -43,6 +43,7 @@ class Envelope:
     expires: str | None = None
     retries: int = 0
     deliveries: int = 1  # times the ingest has taken it, kombu's redeliveries included
+    redelivered: bool = False  # kombu's restore (or a time-limit release) marked it: counted by id
     error: str | None = None  # set when the message cannot be run at all; says why
 
     @property
@@ -70,6 +71,7 @@ def decode(raw: str) -> Envelope:
     tag = properties.get("delivery_tag")
     env.tag = tag if isinstance(tag, str) and tag else None
     info = properties.get("delivery_info")
+    env.redelivered = headers.get("redelivered") is True or (isinstance(info, dict) and info.get("redelivered") is True)
     if isinstance(info, dict) and isinstance(info.get("routing_key"), str):
         env.queue = info["routing_key"]
     priority = properties.get("priority")
@@ -123,6 +125,20 @@ def decode(raw: str) -> Envelope:
         where = ".".join(str(p) for p in (("args", "kwargs")[int(path[0])], *path[1:])) if path else "body"
         env.error = f"{where}: {problem}"
     return env
+
+
+def marked_redelivered(raw: str) -> str:
+    """The message with ``headers.redelivered`` set, as kombu's restore marks what it puts back:
+    a job released at its time limit is then counted as delivered again."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw
+    if not isinstance(message, dict):
+        return raw
+    headers = message.get("headers")
+    message["headers"] = {**(headers if isinstance(headers, dict) else {}), "redelivered": True}
+    return json.dumps(message)
 
 
 def explain_refusal(raw: str, reason: str) -> str:

@@ -49,7 +49,7 @@ from shared.names import (
     priority_list,
 )
 from shared.wire_text import printable, wire_bytes
-from workers.envelope import MAX_MESSAGE_BYTES, Envelope, decode, explain_refusal, recover_id
+from workers.envelope import MAX_MESSAGE_BYTES, Envelope, decode, explain_refusal, marked_redelivered, recover_id
 from workers.result_writer import RESULT_KEY_PREFIX, UNACKED_INDEX_KEY, UNACKED_KEY, Outcome, ResultWriter
 from workers.runtime import Runtime
 from workers.task_events import TaskEvents
@@ -519,7 +519,10 @@ class Ingest:
             printable(entry.id or "?"), self.time_limit_s, entry.env.deliveries, self.max_deliveries,
         )  # fmt: skip
         self.runtime.cancel(entry.job)
-        self.writer.put(Outcome(entry.env, "", requeue=True))
+        env = entry.env
+        back = Envelope(marked_redelivered(env.raw), tag=env.tag, id=env.id, task=env.task, queue=env.queue)
+        back.list_key = env.list_key
+        self.writer.put(Outcome(back, "", requeue=True))
         self._release([entry])
         if self.on_active is not None:
             self.on_active(entry, False)
@@ -608,7 +611,9 @@ class Ingest:
         envs = self._trim_to_room(envs, room)
         if not envs:
             return
-        finished, cancelled, deliveries = self._lookups([e.id for e in envs if e.ok and e.id])
+        finished, cancelled, deliveries = self._lookups(
+            [e.id for e in envs if e.ok and e.id], {e.id for e in envs if e.ok and e.id and e.redelivered}
+        )
         jobs: list[JobBase] = []
         for env in envs:
             if env.id is not None:
@@ -681,23 +686,26 @@ class Ingest:
             return -1.0
         return float(job.priority)
 
-    def _lookups(self, ids: list[str]) -> tuple[set[str], set[str], dict[str, int]]:
+    def _lookups(self, ids: list[str], redelivered: set[str]) -> tuple[set[str], set[str], dict[str, int]]:
         """Jobs already finished (a redelivered duplicate), jobs cancelled, and how often each
-        was delivered (this time included): one round trip."""
+        redelivered one was taken (this time included): one round trip. A first delivery costs
+        no counter; kombu's restore and a time-limit release mark the copies they put back."""
         if not ids:
             return set(), set(), {}
         keys = [wire_bytes(i) for i in ids]
+        again = [i for i in ids if i in redelivered]
         pipe = self.client.pipeline(transaction=False)
         pipe.mget([RESULT_KEY_PREFIX.encode() + k for k in keys])
         pipe.mget([CANCEL_KEY_PREFIX.encode() + k for k in keys])
-        for k in keys:
-            pipe.incr(DELIVERIES_KEY_PREFIX.encode() + k)
-            pipe.expire(DELIVERIES_KEY_PREFIX.encode() + k, self.result_ttl_s)
+        for i in again:
+            key = DELIVERIES_KEY_PREFIX.encode() + wire_bytes(i)
+            pipe.incr(key)
+            pipe.expire(key, self.result_ttl_s)
         replies = pipe.execute()
         results, cancels, counts = replies[0], replies[1], replies[2::2]
         finished = {i for i, r in zip(ids, results) if r is not None and b'"status":"SUCCESS"' in r.replace(b" ", b"")}
         cancelled = {i for i, c in zip(ids, cancels) if c is not None}
-        return finished, cancelled, {i: int(c) for i, c in zip(ids, counts)}
+        return finished, cancelled, {i: 1 + int(c) for i, c in zip(again, counts)}
 
     def _admit(self, env: Envelope, received: float, finished: set[str], cancelled: set[str]) -> InFlight | None:
         if not env.ok:
