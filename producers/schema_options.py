@@ -24,8 +24,9 @@ ENVELOPE_FIELDS = ("id", "type", "schema_version", "submitted_at")
 
 def _option_type(annotation: Any, option: CliOption) -> tuple[Any, str]:
     """The option's type for typer, and how its value becomes the field's."""
-    if option.file is not None:
-        return Path, option.file
+    if option.file is not None:  # a repeated option where the field is a list
+        listed = any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+        return (list[Path] if listed else Path), option.file
     base = annotation
     if typing.get_origin(base) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(base) if a is not type(None)]
@@ -57,6 +58,8 @@ def schema_options(spec: KindSpec, skip: Iterable[str] = ()) -> tuple[list[inspe
         option = spec.cli.get(name, CliOption())
         flag = option.flag or "--" + name.replace("_", "-")
         kind, how[name] = _option_type(info.annotation, option)
+        if option.file is not None and option.key:
+            how[name] += ":" + option.key  # each file is sent as {key: value}
         text = info.description or name.replace("_", " ")
         default = None if info.is_required() else info.get_default(call_default_factory=False)
         if info.is_required():
@@ -79,13 +82,18 @@ def option_values(values: dict[str, Any], how: dict[str, str]) -> dict[str, Any]
 
 
 def _convert(value: Any, how: str) -> Any:
+    how, _, key = how.partition(":")
+    if how in ("base64", "path") and isinstance(value, list):
+        return [_convert(v, f"{how}:{key}" if key else how) for v in value]
     if how == "base64":
         path = Path(value)
         if not path.is_file():
             raise ValueError(f"{path}: no such file")
-        return base64.b64encode(path.read_bytes()).decode()
+        sent = base64.b64encode(path.read_bytes()).decode()
+        return {key: sent} if key else sent
     if how == "path":
-        return str(Path(value).resolve())
+        sent = str(Path(value).resolve())
+        return {key: sent} if key else sent
     if how == "split":
         return [v.strip() for v in str(value).split(",") if v.strip()]
     if how == "json":

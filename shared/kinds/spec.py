@@ -27,6 +27,8 @@ class CliOption:
 
     flag: str | None = None  # e.g. "--text" for ``texts`` (repeatable); default: --field-name
     file: Literal["base64", "path"] | None = None  # the option names a local file: sent inline, or as its path
+    # With ``file``: each file is sent as ``{key: value}`` (a list field takes the option repeated).
+    key: str | None = None
     split: bool = False  # a comma-separated list in one option
 
 
