@@ -617,8 +617,12 @@ def main() -> None:
         from bench_score import main as bench_score
 
         sys.exit(bench_score(sys.argv[2:]))
+    if sys.argv[1:2] == ["commands"]:  # Redis commands per job: scripts/bench_commands.py
+        from bench_commands import main as bench_commands
+
+        sys.exit(bench_commands(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["classify", "transcribe", "recommend", "overhead", "score"])
+    parser.add_argument("kind", choices=["classify", "transcribe", "recommend", "overhead", "score", "commands"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=400, help="items per variant per round")
     parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")

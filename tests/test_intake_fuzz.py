@@ -208,3 +208,24 @@ def test_the_decoder_refuses_exactly_the_messages_holding_a_string_that_is_not_t
     assert (env.error is not None) == has_non_text, (env.error, args, kwargs)
     if has_non_text:
         assert env.error is not None and "not valid Unicode" in env.error
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    raw=(st.binary(max_size=40) | st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass"))).map(
+        lambda b: bytes(c for c in b if c >= 0x20 and c not in b'"\\')
+    )
+)
+def test_the_pop_scripts_utf8_check_agrees_with_pythons(url: str, raw: bytes) -> None:
+    """Bytes inside a JSON string: filed exactly when they are UTF-8 (Python's strict decoder)."""
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    pop = r.register_script(pop_script(served_lists([QUEUE], [])))
+    r.lpush(QUEUE, b'{"headers": {"x": "' + raw + b'"}, "properties": {"priority": 0}}')
+    out = pop(keys=KEYS, args=[2, 1.0, 10, 0])
+    try:
+        raw.decode("utf-8")
+        utf8 = True
+    except UnicodeDecodeError:
+        utf8 = False
+    assert (out[3] == b"") == utf8, (raw, out[3])
