@@ -19,6 +19,11 @@ def main() -> int:
     store = ModelStore(Settings().models_path)
     for line in prepare_default_models(store):
         print(line)
+    # sentiment-minilm: all-MiniLM-L6-v2 fine-tuned on the VADER paper's rated texts (~1-2 min on 2 cores).
+    from workers.sentiment_model import prepare_sentiment
+
+    for line in prepare_sentiment(store):
+        print(line, flush=True)
     print(f"model store: {store.root}")
     return 0
 
