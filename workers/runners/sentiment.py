@@ -13,6 +13,7 @@ batch one transfer to the host.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import Any, Final
@@ -40,19 +41,22 @@ class SentimentRunner:
         self.device = device
         self._encoders: OrderedDict[str, TextEncoder | None] = OrderedDict()  # by model directory
         self._versions: OrderedDict[str, ModelVersion | BaseException] = OrderedDict()  # by pinned ref
+        self._lock = threading.Lock()  # the ingest's prepare and the batcher both read the caches
 
     # -- models ------------------------------------------------------------------------------
     def version(self, ref: str) -> ModelVersion:
         """The pinned version, checked once to be a text classifier (InvalidJob otherwise)."""
-        found = self._versions.get(ref)
+        with self._lock:
+            found = self._versions.get(ref)
         if found is None:
             try:
                 found = _text_classifier(self.store.resolve(ref))
             except (InvalidJob, LookupError) as exc:
                 found = exc
-            self._versions[ref] = found
-            while len(self._versions) > VERSION_CACHE_SIZE:
-                self._versions.popitem(last=False)
+            with self._lock:
+                self._versions[ref] = found
+                while len(self._versions) > VERSION_CACHE_SIZE:
+                    self._versions.popitem(last=False)
         if isinstance(found, BaseException):
             raise found
         return found
@@ -61,12 +65,16 @@ class SentimentRunner:
         """The model's own tokenizer (Rust side only, safe across threads); None where the model
         has no ``tokenizer.json``: its texts are tokenized in the batch by transformers."""
         key = str(version.path)
-        if key not in self._encoders:
-            self._encoders[key] = TextEncoder(version.path) if (version.path / "tokenizer.json").is_file() else None
+        with self._lock:
+            if key in self._encoders:
+                self._encoders.move_to_end(key)
+                return self._encoders[key]
+        encoder = TextEncoder(version.path) if (version.path / "tokenizer.json").is_file() else None
+        with self._lock:
+            self._encoders[key] = encoder
             while len(self._encoders) > TOKENIZER_CACHE_SIZE:
                 self._encoders.popitem(last=False)
-        self._encoders.move_to_end(key)
-        return self._encoders[key]
+        return encoder
 
     def warm_up(self) -> None:
         try:
