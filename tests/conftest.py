@@ -108,7 +108,7 @@ def prepared_models(model_dir: Path) -> Path:
     out = subprocess.run(
         [sys.executable, "-m", "producers.cli", "models", "prepare"],
         env=dict(os.environ, CONVEYOR_MODEL_DIR=str(model_dir), HF_HUB_OFFLINE="1"),
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=1500, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return model_dir
