@@ -28,6 +28,7 @@ import argparse
 import csv
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -335,6 +336,73 @@ def bench_classify(args: argparse.Namespace) -> None:
     print("  lone request p50 is printed above (goal <= CONVEYOR_MAX_WAIT_MS + 15 ms)")
 
 
+def bench_kind(args: argparse.Namespace) -> None:
+    """Any registered kind whose items are texts (sentiment, ner, keywords, classify, ...):
+    the kind's own runner in this process at each batch size (its prepare and its batch
+    function, as the worker runs them) against the same texts drained through the queue as
+    1-text and 64-text jobs. The jobs are the kind's example with the SMS texts in it."""
+    import torch
+
+    from shared import kinds
+    from shared.model_store import ModelStore
+    from workers.batcher import BatchPolicy
+    from workers.model_cache import ModelCache
+    from workers.runtime import pick_device
+
+    spec = kinds.get(args.name)
+    if spec.items != "texts" or not spec.inference:
+        raise SystemExit(f"bench kind takes an inference kind whose items are texts, not {args.name}")
+    device = pick_device("cpu" if args.devices == "cpu" else "auto")
+    texts = load_texts(args.n)
+    store_dir = Path(os.environ.get("CONVEYOR_MODEL_DIR", Path(tempfile.gettempdir()) / "conveyor-bench-models"))
+    os.environ["CONVEYOR_MODEL_DIR"] = str(store_dir)
+    subprocess.run([sys.executable, "-m", "workers.prepare"], check=True, env=dict(os.environ), cwd=ROOT)
+    kind = kinds.import_path(spec.runner)(ModelStore(store_dir), ModelCache(8 << 30), device)
+    run_batch = kind.build_batcher(BatchPolicy(max_batch_size=4096))._run_batch
+
+    def job(group: list[str]) -> Any:
+        return spec.job.model_validate({**spec.example, "texts": group})
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def raw(batch_size: int) -> Run:
+        count = len(texts) if batch_size > 1 else max(50, len(texts) // 4)
+        done, started = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - started < 2.0:
+            for s in range(0, count, batch_size):
+                (prepared,) = kind.prepare([job(texts[s : min(s + batch_size, count)])])
+                run_batch(prepared.items)
+            sync()
+            done += count
+        return Run(done / (time.perf_counter() - started))
+
+    with tempfile.TemporaryDirectory() as home:
+        extra = {"CONVEYOR_TASK_EVENTS": args.events, "CONVEYOR_MODEL_DIR": str(store_dir)}
+        stack = Stack(Path(home), args.batch_size, plain=False, devices=args.devices, extra_env=extra)
+        try:
+            client = stack.client
+
+            def drain(per_job: int) -> Run:
+                jobs = [job(texts[i : i + per_job]) for i in range(0, len(texts), per_job)]
+                run, _cpu, _n = drain_run(stack, lambda: [h._async for h in client.submit_many(jobs)])
+                return Run(run.items_per_s * len(texts) / len(jobs))
+
+            drain(8)  # load the model in the worker
+            variants: dict[str, Callable[[], Run]] = {f"raw batch {b}": partial(raw, b) for b in args.sizes}
+            for per_job in (1, 64):
+                variants[f"conveyor {per_job}-text jobs, drain"] = partial(drain, per_job)
+            med = medians(run_rounds(variants, args.rounds), args)
+        finally:
+            stack.close()
+    best = best_raw(med)
+    print(f"  {spec.name} on {device}: raw best = {best} ({med[best]:,.1f} texts/s)")
+    for per_job in (1, 64):
+        name = f"conveyor {per_job}-text jobs, drain"
+        print(f"  {name} / raw best = {med[name] / med[best]:.2f}   (goal >= 0.9)")
+
+
 def run_rounds(variants: dict[str, Callable[[], Run]], rounds: int, unit: str = "items/s") -> dict[str, list[Run]]:
     results: dict[str, list[Run]] = {name: [] for name in variants}
     for r in range(rounds):
@@ -622,7 +690,9 @@ def main() -> None:
 
         sys.exit(bench_commands(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["classify", "transcribe", "recommend", "overhead", "score", "commands"])
+    benches = ["classify", "transcribe", "recommend", "overhead", "score", "commands", "kind"]
+    parser.add_argument("kind", choices=benches)
+    parser.add_argument("name", nargs="?", default="sentiment", help="with kind: a kind whose items are texts")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=400, help="items per variant per round")
     parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads")
@@ -638,12 +708,14 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # In-process training and raw runners read inputs from the temp dir and the shared data.
     os.environ.setdefault("CONVEYOR_INPUT_ROOTS", os.pathsep.join([tempfile.gettempdir(), str(SHARED_DATA)]))
-    args.sizes = args.sizes or {"classify": [1, 8, 16, 32, 64], "transcribe": [1, 4, 8, 12]}.get(args.kind, [])
+    default_sizes = {"classify": [1, 8, 16, 32, 64], "transcribe": [1, 4, 8, 12], "kind": [1, 16, 32, 64]}
+    args.sizes = args.sizes or default_sizes.get(args.kind, [])
     {
         "classify": bench_classify,
         "transcribe": bench_transcribe,
         "recommend": bench_recommend,
         "overhead": bench_overhead,
+        "kind": bench_kind,
     }[args.kind](args)
 
 
