@@ -207,3 +207,21 @@ def test_a_message_that_sets_no_priority_waits_with_the_default_priority(url: st
     # Priority 9 (Celery 0) first, then 7, then the default 5 in arrival order with the unset ones after it, then 3.
     assert out[::4] == [b"urgent", b"seven", b"five", b"unset-1", b"unset-2", b"three"]
     assert r.llen("conveyor.classify") == 0 and r.hlen("unacked") == 6
+
+
+def test_an_ingest_whose_accept_refuses_waits_without_spinning(url: str) -> None:
+    """A training worker's intake asks whether Celery's side is idle: while it is not, the loop
+    looks again every 0.1 s, not as fast as it can (that spin once took a core from training)."""
+    calls = []
+
+    def accept() -> bool:
+        calls.append(time.monotonic())
+        return False
+
+    ingest = make_ingest(url, FlakyRuntime({}), accept=accept).start()
+    try:
+        time.sleep(1.0)
+        assert 3 <= len(calls) <= 25, len(calls)
+        assert ingest.health(stall_s=5.0) is None  # waiting is alive
+    finally:
+        ingest.stop(timeout=1)

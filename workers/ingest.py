@@ -60,6 +60,7 @@ _IDLE_FIRST_S = 0.0005
 _COALESCE_BELOW = 16
 _COALESCE_S = 0.001
 _LIMITS_EVERY_S = 0.5  # how often the pull loop looks for jobs past their time limit
+_ACCEPT_POLL_S = 0.1  # how often a refusing ``accept`` (a busy training worker) is asked again
 # Bulk messages held at once: two, so the next chunk is tokenized and queued while one runs.
 BULK_IN_FLIGHT = 2
 CELERY_PRIORITIES = range(10)  # Celery on Redis serves 0 first
@@ -578,14 +579,17 @@ class Ingest:
 
     def _wait_for_room(self) -> tuple[int, int]:
         with self._room:
-            while (
-                (self._items >= self.prefetch_items and self._bulk >= BULK_IN_FLIGHT) or self._draining.is_set()
-            ) and not self._stop.is_set():
-                self._room.wait(_LIMITS_EVERY_S)
+            while not self._stop.is_set():
+                full = self._items >= self.prefetch_items and self._bulk >= BULK_IN_FLIGHT
+                refused = self._accept is not None and not self._accept()  # e.g. Celery still runs a job
+                if not (full or refused or self._draining.is_set()):
+                    break
+                # Nobody signals when Celery's side becomes idle: look again soon, without spinning.
+                self._room.wait(_ACCEPT_POLL_S if refused and not full else _LIMITS_EVERY_S)
                 self.beat = time.monotonic()  # waiting for the batches to make room is alive
                 if self.beat - self._limits_checked > _LIMITS_EVERY_S:
                     self.check_time_limits()  # a hung batch is exactly when the room stays full
-            if self._stop.is_set() or (self._accept is not None and not self._accept()):
+            if self._stop.is_set():
                 return 0, 0
             return self.prefetch_items - self._items, BULK_IN_FLIGHT - self._bulk
 
