@@ -73,7 +73,9 @@ def test_training_resumes_from_its_checkpoint_after_kill_9(client: Client, train
     job = TrainJob(interactions_path=str(ml100k()), output_name="resumed-recs", model_type="bpr",
                    factors=32, epochs=6, batch_size=1024, learning_rate=0.01)  # fmt: skip
     handle = client.submit(job)
-    _wait_for_epoch(client, job.id, 2)  # two epochs checkpointed
+    # Progress names the epoch running (reported every 2 s within it); once epoch 3 runs, the
+    # checkpoints of epochs 1 and 2 are written (waiting for epoch 2 raced its checkpoint).
+    _wait_for_epoch(client, job.id, 3)
     first.kill()  # SIGKILL: no ack, no warm shutdown
     training_worker()
     result = handle.result(timeout=600)
