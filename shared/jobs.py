@@ -207,6 +207,29 @@ class JobBase(BaseModel):
         return value
 
 
+def _texts_from_text(data: Any) -> Any:
+    """``{"text": "..."}`` is shorthand for ``{"texts": ["..."]}`` in every text kind."""
+    if isinstance(data, dict) and "text" in data and "texts" not in data:
+        data = dict(data)
+        text = data.pop("text")
+        data["texts"] = [text] if isinstance(text, str) else text
+    return data
+
+
+def _check_texts(texts: list[str]) -> list[str]:
+    """No blank text, and at most MAX_CHARS_PER_JOB characters in all."""
+    total = sum(map(len, texts))
+    if total > MAX_CHARS_PER_JOB:
+        raise ValueError(
+            f"the texts hold {total} characters in all, over the limit of {MAX_CHARS_PER_JOB} per job"
+            " (MAX_CHARS_PER_JOB): split them into several jobs"
+        )
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ValueError(f"text {i} is blank")
+    return texts
+
+
 class ClassifyJob(JobBase):
     """Classify one or many texts, zero-shot against ``labels`` or with a trained ``model``."""
 
@@ -240,26 +263,12 @@ class ClassifyJob(JobBase):
     @model_validator(mode="before")
     @classmethod
     def _text_alias(cls, data: Any) -> Any:
-        # Accept {"text": "..."} as shorthand for {"texts": ["..."]}.
-        if isinstance(data, dict) and "text" in data and "texts" not in data:
-            data = dict(data)
-            text = data.pop("text")
-            data["texts"] = [text] if isinstance(text, str) else text
-        return data
+        return _texts_from_text(data)
 
     @field_validator("texts")
     @classmethod
     def _not_blank(cls, texts: list[str]) -> list[str]:
-        total = sum(map(len, texts))
-        if total > MAX_CHARS_PER_JOB:
-            raise ValueError(
-                f"the texts hold {total} characters in all, over the limit of {MAX_CHARS_PER_JOB} per job"
-                " (MAX_CHARS_PER_JOB): split them into several jobs"
-            )
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise ValueError(f"text {i} is blank")
-        return texts
+        return _check_texts(texts)
 
     @field_validator("labels")
     @classmethod
@@ -285,6 +294,29 @@ class ClassifyJob(JobBase):
         if (self.labels is None) == (self.model is None):
             raise ValueError("give exactly one of 'labels' (zero-shot) or 'model' (a trained classifier)")
         return self
+
+
+class TextsJob(JobBase):
+    """The base of the text kinds (sentiment, ner, keywords): ``texts`` with classify's limits
+    (1 to MAX_TEXTS_PER_JOB, each up to MAX_TEXT_CHARS, MAX_CHARS_PER_JOB in all) and its
+    ``{"text": "..."}`` shorthand."""
+
+    texts: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS_PER_JOB,
+        description=f"Texts (1 to {MAX_TEXTS_PER_JOB}, each up to {MAX_TEXT_CHARS} characters,"
+        f" {MAX_CHARS_PER_JOB} in all).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_alias(cls, data: Any) -> Any:
+        return _texts_from_text(data)
+
+    @field_validator("texts")
+    @classmethod
+    def _not_blank(cls, texts: list[str]) -> list[str]:
+        return _check_texts(texts)
 
 
 class TranscribeJob(JobBase):

@@ -7,7 +7,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.kinds.ner import TextsJob
+from shared.jobs import TextsJob
 from shared.kinds.spec import CliOption, KindSpec, ScoreColumn
 from shared.results import JobMeta
 

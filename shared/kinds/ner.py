@@ -1,19 +1,17 @@
 """ner: named entities in texts (spaCy's small English pipeline), with character offsets into
 each text as it was sent.
 
-``TextsJob`` is the texts field every text kind shares: the limits of ``shared.jobs``
-(``MAX_TEXT_CHARS`` per text, ``MAX_TEXTS_PER_JOB``, ``MAX_CHARS_PER_JOB`` in all, no blank
-text; ``ClassifyJob``'s validator, so the messages are the same) and the ``text`` alias.
-Free text: any valid Unicode, NUL included.
+The texts field, its limits and the ``text`` alias are ``shared.jobs.TextsJob``'s, shared
+with every text kind. Free text: any valid Unicode, NUL included.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 
-from shared.jobs import MAX_CHARS_PER_JOB, MAX_TEXT_CHARS, MAX_TEXTS_PER_JOB, ClassifyJob, JobBase
+from shared.jobs import TextsJob
 from shared.kinds.spec import CliOption, KindSpec, ScoreColumn
 from shared.results import JobMeta
 
@@ -22,37 +20,6 @@ NER_LABELS: Final[tuple[str, ...]] = (
     "CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY", "NORP", "ORDINAL", "ORG",
     "PERCENT", "PERSON", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART",
 )  # fmt: skip
-
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
-
-
-class TextsJob(JobBase):
-    """A job over ``texts`` (1 to MAX_TEXTS_PER_JOB, each up to MAX_TEXT_CHARS, MAX_CHARS_PER_JOB
-    in all); ``{"text": "..."}`` is shorthand for ``{"texts": ["..."]}``."""
-
-    texts: list[Text] = Field(
-        min_length=1,
-        max_length=MAX_TEXTS_PER_JOB,
-        description=f"Texts (1 to {MAX_TEXTS_PER_JOB}, each up to {MAX_TEXT_CHARS} characters,"
-        f" {MAX_CHARS_PER_JOB} in all).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_alias(cls, data: Any) -> Any:
-        # Accept {"text": "..."} as shorthand for {"texts": ["..."]}, as ClassifyJob does.
-        if isinstance(data, dict) and "text" in data and "texts" not in data:
-            data = dict(data)
-            text = data.pop("text")
-            data["texts"] = [text] if isinstance(text, str) else text
-        return data
-
-    @field_validator("texts")
-    @classmethod
-    def _bounded_not_blank(cls, texts: list[str]) -> list[str]:
-        checked: list[str] = ClassifyJob._not_blank(texts)
-        return checked
-
 
 class NerJob(TextsJob):
     """Named entities (people, organizations, places, dates, amounts, ...) in one or many texts."""

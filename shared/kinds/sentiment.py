@@ -7,48 +7,25 @@ fine-tune job on the VADER paper's human-rated texts (``conveyor models prepare`
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from typing import Final, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field
 
-from shared.jobs import MAX_CHARS_PER_JOB, MAX_TEXT_CHARS, MAX_TEXTS_PER_JOB, ClassifyJob, JobBase, ModelRef
+from shared.jobs import ModelRef, TextsJob
 from shared.kinds.spec import CliOption, KindSpec, ScoreColumn
 from shared.results import JobMeta
 
 DEFAULT_SENTIMENT_MODEL: Final = "sentiment-minilm"
 
 
-class SentimentJob(JobBase):
+class SentimentJob(TextsJob):
     """The sentiment of one or many texts."""
 
     type: Literal["sentiment"] = "sentiment"
-    # Free text, as in classify: any valid Unicode (the envelope refuses lone surrogates).
-    texts: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
-        min_length=1,
-        max_length=MAX_TEXTS_PER_JOB,
-        description=f"Texts to label (1 to {MAX_TEXTS_PER_JOB}, each up to {MAX_TEXT_CHARS} characters,"
-        f" {MAX_CHARS_PER_JOB} in all).",
-    )
     model: ModelRef = Field(
         default=DEFAULT_SENTIMENT_MODEL,
         description="A sequence-classification model in the store; its labels are the answers.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_alias(cls, data: Any) -> Any:
-        # {"text": "..."} is shorthand for {"texts": ["..."]}, as in classify.
-        if isinstance(data, dict) and "text" in data and "texts" not in data:
-            data = dict(data)
-            text = data.pop("text")
-            data["texts"] = [text] if isinstance(text, str) else text
-        return data
-
-    @field_validator("texts")
-    @classmethod
-    def _not_blank(cls, texts: list[str]) -> list[str]:
-        # No blank text, and at most MAX_CHARS_PER_JOB characters in all, as in classify.
-        return ClassifyJob._not_blank(texts)
 
 
 class TextSentiment(BaseModel):
