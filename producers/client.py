@@ -30,6 +30,7 @@ from shared.jobs import JobBase
 from shared.kinds import RESULT_MODELS, parse_job
 from shared.names import CANCEL_KEY_PREFIX, QUEUES, TASKS, priority_lists
 from shared.redis_clients import reuse_redis_clients
+from shared.redis_connect import redis_client
 from shared.results import Progress
 from shared.settings import Settings
 
@@ -108,7 +109,7 @@ class Client:
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.settings.broker_url())
+            self._redis = redis_client(self.settings)
         return self._redis
 
     # -- submitting ------------------------------------------------------------------------

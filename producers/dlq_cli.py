@@ -9,6 +9,7 @@ import redis
 import typer
 
 from shared import dead_letters
+from shared.redis_connect import redis_client
 from shared.settings import Settings
 
 dlq_app = typer.Typer(help="Dead letters: jobs that exhausted their retries, and messages no worker could read.")
@@ -18,7 +19,7 @@ PREVIEW_CHARS = 200
 
 def _redis() -> redis.Redis:
     try:
-        return redis.Redis.from_url(Settings().broker_url())
+        return redis_client(Settings())
     except RuntimeError as exc:
         _fail(str(exc))
 

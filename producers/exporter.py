@@ -46,6 +46,7 @@ from producers.job_stats import read_totals
 from producers.queue_stats import FirstSeen, dead_letter_count, read_queues
 from shared.celery_config import celery_config
 from shared.names import ALL_QUEUES
+from shared.redis_connect import redis_client
 from shared.settings import Settings
 
 log = logging.getLogger("conveyor.exporter")
@@ -273,7 +274,7 @@ class Exporter:
         self.address = address or settings.metrics_address
         self.port = settings.metrics_port if port is None else port
         url = settings.broker_url()
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.redis = redis_client(settings, url, socket_timeout=10, socket_connect_timeout=5)
         self.app = Celery("conveyor-exporter", set_as_current=False)
         self.app.conf.update(celery_config(settings))
         self.registry = CollectorRegistry()

@@ -6,11 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from shared.names import QUEUES, TASKS
+from shared.redis_connect import is_sentinel, sentinel_kwargs
 from shared.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     url = settings.broker_url()
+    sentinel: dict[str, Any] = {}
+    if is_sentinel(url):  # kombu's transport and Celery's SentinelBackend both ask the sentinels
+        sentinel = {"master_name": settings.sentinel_master, "sentinel_kwargs": sentinel_kwargs(settings)}
     return {
         "broker_url": url,
         "result_backend": url,
@@ -37,8 +41,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # kept: every Celery client must agree on it, or their bindings do not parse.
             "priority_steps": list(range(10)),
             "queue_order_strategy": "priority",
+            **sentinel,
         },
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s, **sentinel},
         "broker_connection_retry_on_startup": True,
         "task_routes": {TASKS[t]: {"queue": QUEUES[t]} for t in TASKS},
         # Flower shows jobs from the moment they are queued.

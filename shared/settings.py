@@ -32,8 +32,33 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="redis:// or rediss:// URL of the broker and result store. Unset: the embedded "
-        "Redis that `conveyor up` starts (its URL is recorded under CONVEYOR_HOME).",
+        description="redis://, rediss:// or Sentinel (sentinel://:PASSWORD@h1:26379;sentinel://:PASSWORD@h2:26379) "
+        "URL of the broker and result store. Unset: the embedded Redis that `conveyor up` starts (its URL is "
+        "recorded under CONVEYOR_HOME).",
+    )
+    sentinel_master: str = Field(
+        default="mymaster",
+        min_length=1,
+        description="With a sentinel:// URL: the name under which the sentinels monitor Conveyor's master.",
+    )
+    sentinel_password: str | None = Field(
+        default=None,
+        description="With a sentinel:// URL: the sentinels' own password (their requirepass), if they have one; "
+        "the URL's password is the master's.",
+    )
+    wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="After each submit and each batch of result writes, wait (Redis WAIT) until this many replicas "
+        "hold them, so a failover loses neither. 0: Redis's asynchronous replication alone.",
+    )
+    wait_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60_000,
+        description="Longest WAIT for CONVEYOR_WAIT_REPLICAS; a submit that reaches fewer replicas in time "
+        "raises NotReplicated (the job may still run).",
     )
     home: Path = Field(
         default=Path.home() / ".conveyor",

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from celery.worker import control as worker_control
@@ -28,6 +27,7 @@ from kombu import Queue
 from shared.celery_config import celery_config
 from shared.names import BULK_QUEUES, INFERENCE_QUEUES, TRAINING_QUEUE
 from shared.redis_clients import reuse_redis_clients
+from shared.redis_connect import redis_client
 from shared.settings import Settings
 from workers.leases import LeaseKeeper
 from workers.runtime import Runtime
@@ -123,12 +123,12 @@ def _held_delivery_tags() -> list[str]:
 def _start(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or process.hostname
     process.hostname = hostname
-    client = redis.Redis.from_url(settings.broker_url())
+    client = redis_client(settings)
     try:
         from workers.metrics import WorkerMetrics
 
         process.metrics = WorkerMetrics(
-            redis.Redis.from_url(settings.broker_url()), hostname, flush_every_s=settings.metrics_flush_s
+            redis_client(settings), hostname, flush_every_s=settings.metrics_flush_s
         ).start()
     except Exception:  # metrics are for watching: never a reason not to serve
         log.exception("worker metrics are off")
@@ -162,9 +162,9 @@ def _start_ingest(hostname: str) -> None:
             log.exception("warm-up failed")
     url = settings.broker_url()
     process.ingest = Ingest(
-        redis.Redis.from_url(url),
+        redis_client(settings, url),
         rt,
-        redis.Redis.from_url(url),
+        redis_client(settings, url),
         TaskEvents(app, hostname, settings.task_events),
         hostname=hostname,
         queues=[q for q in process.ingest_queues if q in INFERENCE_QUEUES],
@@ -198,9 +198,9 @@ def _start_training_intake(hostname: str) -> None:
     handoff = CeleryHandoff(handoff_app, direct_queue(hostname), _celery_busy)
     url = settings.broker_url()
     process.ingest = Ingest(
-        redis.Redis.from_url(url),
+        redis_client(settings, url),
         handoff,  # type: ignore[arg-type]
-        redis.Redis.from_url(url),
+        redis_client(settings, url),
         TaskEvents(app, hostname, "failures"),  # Celery's worker sends the events of the jobs it runs
         hostname=hostname,
         queues=[TRAINING_QUEUE],

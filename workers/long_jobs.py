@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Task
 
 from shared import kinds
@@ -26,6 +25,7 @@ from shared.errors import JobCancelled
 from shared.jobs import JobBase
 from shared.model_store import RESULT_KEY, ModelVersion
 from shared.names import CANCEL_KEY_PREFIX
+from shared.redis_connect import redis_client
 from shared.results import JobMeta, Progress, TrainingResult
 from workers.runtime import Runtime, check_deadline
 from workers.training import checkpoint
@@ -58,7 +58,7 @@ def run_long_job(task: Task, job: JobBase, runtime: Runtime, worker: str) -> Tra
         return _result(job, published, None, runtime, worker, picked_at, started)
 
     check_deadline(job)
-    client = redis.Redis.from_url(runtime.settings.broker_url())
+    client = redis_client(runtime.settings)
     cancel_key = CANCEL_KEY_PREFIX + job.id
     if client.exists(cancel_key):
         client.close()
