@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -62,15 +63,18 @@ MAX_SEED: Final = 2**32 - 1  # numpy's and torch's seeds both take it
 ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*"  # the whole id (fullmatch), up to MAX_ID_CHARS
 _ID = re.compile(ID_PATTERN)
 
-MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@([0-9]+|latest))?$"
+# NAME, NAME@N, NAME@latest or NAME@ALIAS (an alias: a letter, then letters, digits and . _ -).
+MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@([0-9]+|[A-Za-z][A-Za-z0-9._-]{0,63}))?$"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+# The published JSON Schema keeps the release's pattern (tests/fixtures/release_contract.json):
+# aliases are accepted beyond it, so every job that validated before still does.
+RELEASE_MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@([0-9]+|latest))?$"
+_MODEL_REF_DESCRIPTION: Final = "A model in the store: NAME, NAME@latest or NAME@N (a version number)."
 
 ModelRef = Annotated[
     str,
-    Field(
-        pattern=MODEL_NAME_PATTERN,
-        description="A model in the store: NAME, NAME@latest or NAME@N (a version number).",
-    ),
+    Field(pattern=MODEL_NAME_PATTERN, description=_MODEL_REF_DESCRIPTION),
+    WithJsonSchema({"type": "string", "pattern": RELEASE_MODEL_NAME_PATTERN, "description": _MODEL_REF_DESCRIPTION}),
 ]
 OutputName = Annotated[
     str,
