@@ -26,6 +26,7 @@ import base64
 import hmac
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -45,7 +46,7 @@ from prometheus_client.utils import floatToGoString
 from producers.job_stats import read_totals
 from producers.queue_stats import FirstSeen, dead_letter_count, read_queues
 from shared.celery_config import celery_config
-from shared.names import ALL_QUEUES
+from shared.names import ALL_QUEUES, JOB_TYPES, QUEUES, TASKS
 from shared.redis_connect import redis_client
 from shared.settings import Settings
 
@@ -67,7 +68,13 @@ HISTOGRAM_HELP = {
     "queue_wait_seconds": ("conveyor_job_queue_wait_seconds", "Seconds from submission to the start of the job."),
     "run_seconds": ("conveyor_job_run_seconds", "Seconds from the start of the job to its result."),
 }
-TASK_NAMES_KEPT = 10_000  # uuid -> task name, for events that carry only the uuid
+TASK_LABELS = ["name", "hostname", "queue_name"]
+TASK_NAMES_KEPT = 10_000  # uuid -> (task name, queue), for events that carry only the uuid
+MAX_EXCEPTION_LABELS = 50  # distinct `exception` label values per exporter; more count as "other"
+# Task name -> the queue Conveyor's registry sends it to (a bulk job's task-sent names its own).
+DEFAULT_QUEUES: dict[str, str] = {TASKS[kind]: QUEUES[kind] for kind in JOB_TYPES}
+_EXCEPTION_CLASS = re.compile(r"^([A-Za-z_][\w.]{0,200})\(")
+_PRODUCER_NODE = re.compile(r"^gen\d+@")  # Celery's node name for a process that is not a worker
 
 
 class RedisCollector:
@@ -128,13 +135,17 @@ class RedisCollector:
                 buckets = [(_le(bound), below) for bound, below in hist.cumulative()]
                 histogram.add_metric([job_type], buckets, sum_value=hist.sum)
             yield histogram
-        for metric, help_text, label, values in (
-            ("conveyor_batch_failures", "Batches that raised as a whole.", "job_type", totals.batch_failures),
-            ("conveyor_job_retries", "Job retries.", "job_type", totals.retries),
-            ("conveyor_dead_letter", "Jobs moved to the dead-letter queue.", "queue_name", totals.dead_letters),
-        ):
+        # Rare events: every kind (queue) is listed from 0, so rate() and alerts see a series
+        # before the first one happens.
+        for metric, help_text, label, values, known in (
+            ("conveyor_batch_failures", "Batches that raised as a whole.", "job_type", totals.batch_failures,
+             JOB_TYPES),
+            ("conveyor_job_retries", "Job retries.", "job_type", totals.retries, JOB_TYPES),
+            ("conveyor_dead_letter", "Jobs moved to the dead-letter queue.", "queue_name", totals.dead_letters,
+             ALL_QUEUES),
+        ):  # fmt: skip
             counter = CounterMetricFamily(metric, help_text, labels=[label])
-            for key, total in sorted(values.items()):
+            for key, total in sorted({**dict.fromkeys(known, 0.0), **values}.items()):
                 counter.add_metric([key], total)
             yield counter
         flushed = GaugeMetricFamily(
@@ -149,6 +160,58 @@ class RedisCollector:
         yield flushed
 
 
+class TaskLabels:
+    """The ``name`` and ``queue_name`` of a task by its uuid, for events that carry only the uuid.
+
+    ``task-sent`` names the queue (Celery puts it in the event); an event for a task whose
+    sending this exporter did not see (sent before it started, or by a client that sends no
+    ``task-sent``) gets the queue Conveyor's registry routes that task name to. Only the last
+    ``TASK_NAMES_KEPT`` tasks are remembered."""
+
+    def __init__(self, kept: int = TASK_NAMES_KEPT) -> None:
+        self.kept = kept
+        self._by_uuid: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, event: dict[str, Any]) -> tuple[str, str]:
+        uuid = str(event.get("uuid", ""))
+        name, queue = event.get("name"), event.get("queue")
+        with self._lock:
+            known = self._by_uuid.get(uuid)
+            if not name and known is not None:
+                return known
+            name = str(name or "unknown")
+            queue = str(queue) if queue else (known[1] if known else DEFAULT_QUEUES.get(name, "unknown"))
+            self._by_uuid[uuid] = (name, queue)
+            self._by_uuid.move_to_end(uuid)
+            if len(self._by_uuid) > self.kept:
+                self._by_uuid.popitem(last=False)
+            return name, queue
+
+
+class ExceptionNames:
+    """The ``exception`` label of ``celery_task_failed_total``: the exception's class name, as
+    celery-exporter gives it (``InvalidJob('...')`` -> ``InvalidJob``), never its message. At
+    most ``MAX_EXCEPTION_LABELS`` distinct names per exporter; later new ones count as
+    ``other``, so a worker raising odd types cannot grow the series without bound."""
+
+    def __init__(self, limit: int = MAX_EXCEPTION_LABELS) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def of(self, exception: object) -> str:
+        found = _EXCEPTION_CLASS.match(str(exception or ""))
+        name = found.group(1).rpartition(".")[2] if found else "UnknownException"
+        with self._lock:
+            if name in self._seen:
+                return name
+            if len(self._seen) >= self.limit:
+                return "other"
+            self._seen.add(name)
+            return name
+
+
 class CeleryEvents:
     """A Celery event receiver in a thread: worker heartbeats and task events."""
 
@@ -158,20 +221,29 @@ class CeleryEvents:
         registry: CollectorRegistry,
         worker_timeout_s: float = 15.0,
         forget_worker_s: float = 600.0,
+        generic_sent_hostname: bool = False,
     ) -> None:
         self.app = app
         self.worker_timeout_s = worker_timeout_s
         self.forget_worker_s = forget_worker_s
+        self.generic_sent_hostname = generic_sent_hostname
+        failed_labels = [*TASK_LABELS, "exception"]
         self.counters = {
-            event: Counter(metric, f"Celery {event} events.", ["name", "hostname"], registry=registry)
+            event: Counter(
+                metric, f"Celery {event} events.", failed_labels if event == "task-failed" else TASK_LABELS,
+                registry=registry,
+            )
             for event, metric in TASK_EVENTS.items()
-        }
+        }  # fmt: skip
         self.runtime = Histogram(
-            "celery_task_runtime", "Task runtime (seconds), from task-succeeded events.", ["name", "hostname"],
+            "celery_task_runtime", "Task runtime (seconds), from task-succeeded events.", TASK_LABELS,
             registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
         )  # fmt: skip
-        self._names: OrderedDict[str, str] = OrderedDict()
-        self._workers: dict[str, tuple[float, bool]] = {}  # hostname -> (last seen, online)
+        self.tasks = TaskLabels()
+        self.exceptions = ExceptionNames()
+        self._zeroed: set[tuple[str, str, str]] = set()  # label sets whose counters exist at 0
+        # hostname -> (last seen, online, tasks active from its last worker event)
+        self._workers: dict[str, tuple[float, bool, int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._receiver: Any = None
@@ -206,40 +278,64 @@ class CeleryEvents:
         kind = event.get("type", "")
         hostname = str(event.get("hostname", "unknown"))
         if kind.startswith("worker-"):
+            online = kind != "worker-offline"
+            # Every worker event carries Celery's count of requests in progress (the ingest's
+            # running jobs are among them, see workers/app.py).
+            active = event.get("active")
+            active_n = int(active) if online and isinstance(active, int) and active >= 0 else 0
             with self._lock:
-                self._workers[hostname] = (time.monotonic(), kind != "worker-offline")
+                self._workers[hostname] = (time.monotonic(), online, active_n)
             return
         counter = self.counters.get(kind)
         if counter is None:
             return
-        name = self._task_name(event)
-        counter.labels(name=name, hostname=hostname).inc()
+        name, queue = self.tasks.of(event)
+        if kind == "task-sent":
+            # A producer's Celery node name is gen<pid>@host: one series per process without this.
+            hostname = "generic" if self.generic_sent_hostname else _PRODUCER_NODE.sub("", hostname)
+            counter.labels(name=name, hostname=hostname, queue_name=queue).inc()
+            return
+        labels = {"name": name, "hostname": hostname, "queue_name": queue}
+        self._zero(labels)
+        if kind == "task-failed":
+            counter.labels(**labels, exception=self.exceptions.of(event.get("exception"))).inc()
+        else:
+            counter.labels(**labels).inc()
         runtime = event.get("runtime")
         if kind == "task-succeeded" and isinstance(runtime, int | float):
-            self.runtime.labels(name=name, hostname=hostname).observe(runtime)
+            self.runtime.labels(**labels).observe(runtime)
 
-    def _task_name(self, event: dict[str, Any]) -> str:
-        uuid = str(event.get("uuid", ""))
-        name = event.get("name")
+    def _zero(self, labels: dict[str, str]) -> None:
+        """Make a worker's task counters exist at 0 from its first event for that task, as
+        celery-exporter does, so rates and ratios have a series to work on (not task-sent: its
+        hostnames are the producers')."""
+        key = (labels["name"], labels["hostname"], labels["queue_name"])
         with self._lock:
-            if name:
-                self._names[uuid] = str(name)
-                if len(self._names) > TASK_NAMES_KEPT:
-                    self._names.popitem(last=False)
-                return str(name)
-            return self._names.get(uuid, "unknown")
+            if key in self._zeroed:
+                return
+            self._zeroed.add(key)
+        for kind, counter in self.counters.items():
+            if kind == "task-failed":
+                counter.labels(**labels, exception="")
+            elif kind != "task-sent":
+                counter.labels(**labels)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("celery_worker_up", "1 if the worker sent a heartbeat recently.", labels=["hostname"])
+        active = GaugeMetricFamily(
+            "celery_worker_tasks_active", "Tasks the worker is running, from its last heartbeat.", labels=["hostname"]
+        )
         now = time.monotonic()
         with self._lock:
-            for hostname, (seen, online) in list(self._workers.items()):
+            for hostname, (seen, online, running) in list(self._workers.items()):
                 alive = online and now - seen <= self.worker_timeout_s
                 if not alive and now - seen > self.worker_timeout_s + self.forget_worker_s:
                     del self._workers[hostname]
                     continue
                 up.add_metric([hostname], 1 if alive else 0)
+                active.add_metric([hostname], running if alive else 0)
         yield up
+        yield active
 
 
 def basic_auth(app: Callable[..., Iterable[bytes]], user: str, password: str) -> Callable[..., Iterable[bytes]]:
@@ -280,7 +376,11 @@ class Exporter:
         self.registry = CollectorRegistry()
         self.registry.register(RedisCollector(self.redis, settings.metrics_forget_worker_s))
         self.events = CeleryEvents(
-            self.app, self.registry, settings.metrics_worker_timeout_s, settings.metrics_forget_worker_s
+            self.app,
+            self.registry,
+            settings.metrics_worker_timeout_s,
+            settings.metrics_forget_worker_s,
+            generic_sent_hostname=settings.metrics_generic_sent_hostname,
         )
         self.registry.register(self.events)
         wsgi = make_wsgi_app(self.registry)

@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         description="A worker with no heartbeat for this long is reported down (celery_worker_up 0); "
         "workers beat every 2 s.",
     )
+    metrics_generic_sent_hostname: bool = Field(
+        default=False,
+        description="Count task-sent events under hostname=\"generic\" (celery-exporter's "
+        "--generic-hostname-task-sent-metric), not each producer's host: one series per task for many producer hosts.",
+    )
     metrics_forget_worker_s: float = Field(
         default=600.0,
         ge=0.0,

@@ -23,7 +23,7 @@ from conftest import ROOT, WorkerProcess
 from test_metrics import Samples, db_url, exporter_settings, scrape, value
 
 from producers.client import Client
-from producers.exporter import Exporter
+from producers.exporter import MAX_EXCEPTION_LABELS, Exporter
 from producers.local_redis import free_port
 from shared.errors import JobFailed
 from shared.jobs import ClassifyJob, RecommendJob, TrainJob, TranscribeJob
@@ -145,7 +145,10 @@ def test_worker_up_and_down_and_task_events(redis_url: str, conveyor_env: dict[s
 
         def failed() -> bool:
             s = scrape(exporter.url)
-            return value(s, "celery_task_failed_total", name="conveyor.train", hostname=host) == 1
+            train = {("name", "conveyor.train"), ("hostname", host), ("queue_name", "conveyor.training")}
+            failures = {dict(labels)["exception"]: v for (name, labels), v in s.items()
+                        if name == "celery_task_failed_total" and train <= labels and v}  # fmt: skip
+            return len(failures) == 1 and list(failures.values()) == [1] and "" not in failures
 
         _wait_for("celery_task_failed_total 1", failed, 10)
         s = scrape(exporter.url)
@@ -220,13 +223,24 @@ def test_flower_metrics_and_healthcheck_need_the_login(
 
 def test_task_events_sent_in_bulk_are_counted(redis_url: str, tmp_path: Path) -> None:
     """A worker may send its task events many to a message (a list body, as Celery's buffered
-    dispatcher does); a failure event that carries only the uuid gets its task's name."""
+    dispatcher does); a failure event that carries only the uuid gets its task's name and queue.
+    celery-exporter's labels: queue_name on every task counter (from task-sent, else the queue the
+    registry routes the task to), exception (the class name) on failures, tasks active from the
+    heartbeat, and producers' gen<pid>@host node names folded to the host."""
     url = _fresh_db(redis_url, 15)
     exporter = Exporter(exporter_settings(url, tmp_path), port=0).start()
+    bulk = "conveyor.bulk.classify"
     try:
         assert exporter.events.connected.wait(20), "the event receiver did not connect"
         time.sleep(0.5)  # its fanout subscription is live once the consumer loop runs
         with exporter.app.connection_for_write() as conn:
+            for pid in (101, 102, 103):  # three CLI calls on one host
+                producer = exporter.app.events.Dispatcher(conn, hostname=f"gen{pid}@desk")
+                producer.send("task-sent", uuid=f"sent-{pid}", name="conveyor.classify", queue="conveyor.classify")
+                producer.close()
+            producer = exporter.app.events.Dispatcher(conn, hostname="gen104@desk")
+            producer.send("task-sent", uuid="job-2", name="conveyor.classify", queue=bulk)
+            producer.close()
             dispatcher = exporter.app.events.Dispatcher(
                 conn, hostname="cpu@bulk", buffer_group=["task"], buffer_limit=100
             )
@@ -234,24 +248,67 @@ def test_task_events_sent_in_bulk_are_counted(redis_url: str, tmp_path: Path) ->
                 dispatcher.send("task-received", uuid=f"job-{i}", name="conveyor.classify")
             dispatcher.send("task-succeeded", uuid="job-0", runtime=0.25)
             dispatcher.send("task-failed", uuid="job-1", exception="InvalidJob('x')")
-            dispatcher.flush()  # one message, a list of five events
+            dispatcher.send("task-failed", uuid="job-2", exception="shared.errors.ModelNotFound('no such model')")
+            dispatcher.send("task-failed", uuid="job-9", exception="<not an exception repr>")
+            dispatcher.flush()  # one message, a list of the task events
+            dispatcher.send("worker-heartbeat", freq=2.0, active=3, processed=1)
             dispatcher.close()
+
+        classify = {"name": "conveyor.classify", "hostname": "cpu@bulk", "queue_name": "conveyor.classify"}
+        in_bulk = dict(classify, queue_name=bulk)
 
         def counted() -> bool:
             s = scrape(exporter.url)
             return (
-                value(s, "celery_task_received_total", name="conveyor.classify", hostname="cpu@bulk") == 3
-                and value(s, "celery_task_failed_total", name="conveyor.classify", hostname="cpu@bulk") == 1
-                and value(s, "celery_task_runtime_count", name="conveyor.classify", hostname="cpu@bulk") == 1
+                value(s, "celery_task_received_total", **classify) == 2
+                and value(s, "celery_task_received_total", **in_bulk) == 1
+                and value(s, "celery_task_failed_total", **classify, exception="InvalidJob") == 1
+                and value(s, "celery_task_runtime_count", **classify) == 1
+                and value(s, "celery_worker_tasks_active", hostname="cpu@bulk") == 3
             )
 
         _wait_for("the bulk events", counted, 15, lambda: json.dumps({str(k): v for k, v in scrape(exporter.url).items()
-                                                                       if k[0].startswith("celery_task")}))  # fmt: skip
+                                                                       if k[0].startswith("celery_")}))  # fmt: skip
         s = scrape(exporter.url)
-        assert value(s, "celery_task_succeeded_total", name="conveyor.classify", hostname="cpu@bulk") == 1
-        assert value(s, "celery_task_runtime_sum", name="conveyor.classify", hostname="cpu@bulk") == 0.25
+        assert value(s, "celery_task_succeeded_total", **classify) == 1
+        assert value(s, "celery_task_runtime_sum", **classify) == 0.25
+        assert value(s, "celery_task_failed_total", **in_bulk, exception="ModelNotFound") == 1
+        unknown = {"name": "unknown", "hostname": "cpu@bulk", "queue_name": "unknown"}
+        assert value(s, "celery_task_failed_total", **unknown, exception="UnknownException") == 1
+        # A worker's counters exist from its first event, at 0 where nothing happened yet.
+        assert value(s, "celery_task_retried_total", **in_bulk) == 0
+        assert value(s, "celery_task_failed_total", **classify, exception="") == 0
+        sent = {labels: v for (name, labels), v in s.items() if name == "celery_task_sent_total"}
+        assert sent == {
+            frozenset({"name": "conveyor.classify", "hostname": "desk", "queue_name": "conveyor.classify"}.items()): 3,
+            frozenset({"name": "conveyor.classify", "hostname": "desk", "queue_name": bulk}.items()): 1,
+        }
+        assert value(s, "celery_worker_up", hostname="cpu@bulk") == 1
     finally:
         exporter.stop()
+
+
+def test_generic_sent_hostname_and_bounded_exception_labels(redis_url: str, tmp_path: Path) -> None:
+    """CONVEYOR_METRICS_GENERIC_SENT_HOSTNAME: every producer's task-sent under one hostname; and
+    no more than MAX_EXCEPTION_LABELS exception names, however many types the workers raise."""
+    url = _fresh_db(redis_url, 15)
+    exporter = Exporter(exporter_settings(url, tmp_path, metrics_generic_sent_hostname=True), port=0)
+    events = exporter.events
+    for host in ("gen1@a", "gen2@b", "gateway@c"):
+        events.on_event({"type": "task-sent", "uuid": host, "name": "conveyor.ner", "hostname": host})
+    for i in range(MAX_EXCEPTION_LABELS + 20):
+        events.on_event({"type": "task-failed", "uuid": f"u{i}", "name": "conveyor.ner", "hostname": "cpu@w",
+                         "exception": f"Error{i}('message {i}')"})  # fmt: skip
+    exporter.server.server_close()
+    exporter.redis.close()
+    families = {m.name: m for m in exporter.registry.collect()}
+    sent = [(s.labels, s.value) for s in families["celery_task_sent"].samples if s.name.endswith("_total")]
+    assert sent == [({"name": "conveyor.ner", "hostname": "generic", "queue_name": "conveyor.ner"}, 3.0)]
+    failed = families["celery_task_failed"].samples
+    names = {s.labels["exception"] for s in failed if s.name.endswith("_total") and s.value}
+    assert len(names) == MAX_EXCEPTION_LABELS + 1 and "other" in names and "Error0" in names
+    other = [s.value for s in failed if s.name.endswith("_total") and s.labels["exception"] == "other"]
+    assert other == [20.0]
 
 
 def test_the_monitoring_modules_import_neither_torch_nor_the_workers() -> None:
