@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 
+from producers.cli_errors import ConveyorGroup
 from producers.dlq_cli import dlq_app
 from producers.schema_options import option_values, schema_options
 from producers.score.cli import score_app
@@ -23,7 +24,12 @@ from shared.kinds import JOB_MODELS, KINDS, KindSpec
 from shared.model_store import ModelStore
 from shared.settings import Settings
 
-app = typer.Typer(help="Conveyor: asynchronous inference and batch jobs over Redis and Celery.", no_args_is_help=True)
+# ConveyorGroup (producers/cli_errors.py): infrastructure failures in two lines for every command.
+app = typer.Typer(
+    cls=ConveyorGroup,
+    help="Conveyor: asynchronous inference and batch jobs over Redis and Celery.",
+    no_args_is_help=True,
+)
 submit_app = typer.Typer(help="Submit a job; prints its id, or its result with --wait.", no_args_is_help=True)
 models_app = typer.Typer(help="The model store.", invoke_without_command=True)
 app.add_typer(submit_app, name="submit")
@@ -32,7 +38,15 @@ app.add_typer(score_app, name="score")
 app.add_typer(dlq_app, name="dlq")
 
 Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
+Debug = Annotated[
+    bool, typer.Option("--debug", help="With an infrastructure error, show its traceback too (or CONVEYOR_DEBUG=1).")
+]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait with --wait.")]
+
+
+@app.callback()
+def _global_options(debug: Debug = False) -> None:
+    """Options for every command (read by ConveyorGroup)."""
 
 
 def _print_json(data: Any) -> None:
@@ -75,11 +89,13 @@ def _submit(job_type: str, fields: dict[str, Any], wait: bool, timeout: float) -
 
 
 def _print_result(handle: Any, timeout: float) -> None:
+    from celery.exceptions import TimeoutError as CeleryTimeout  # AsyncResult.get's: not a builtin TimeoutError
+
     try:
         _print_json(handle.result_json(timeout=timeout))
     except ConveyorError as exc:
         _fail(str(exc))
-    except TimeoutError:
+    except (TimeoutError, CeleryTimeout):
         _fail(f"job {handle.id} has no result after {timeout:.0f}s; state {handle.status().state}", 3)
 
 
