@@ -18,6 +18,7 @@ from producers.cli_errors import ConveyorGroup
 from producers.dlq_cli import dlq_app
 from producers.schema_options import option_values, schema_options
 from producers.score.cli import score_app
+from producers.tenancy.cli import users_app
 from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.kinds import JOB_MODELS, KINDS, KindSpec
@@ -36,6 +37,7 @@ app.add_typer(submit_app, name="submit")
 app.add_typer(models_app, name="models")
 app.add_typer(score_app, name="score")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(users_app, name="users")
 
 Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
 Debug = Annotated[
@@ -334,14 +336,17 @@ def up(
     detach: Annotated[bool, typer.Option(help="Run in the background; `conveyor down` stops it.")] = False,
 ) -> None:
     """Redis (embedded unless CONVEYOR_REDIS_URL is set), workers and Flower. Ctrl-C stops all."""
-    from producers.stack import FLOWER_PASSWORD_FILE, LOG_FILE, Stack, flower_login, start_detached
+    from producers.stack import FLOWER_PASSWORD_FILE, LOG_FILE, Stack, flower_login, log_dir, start_detached
 
     settings = Settings()
     try:
         if detach:
             state = start_detached(settings, devices, flower)
             flower_url, metrics_url = state.flower_url, state.metrics_url
-            typer.echo(f"conveyor is up in the background (pid {state.pid}); logs in {settings.home / LOG_FILE}")
+            typer.echo(
+                f"conveyor is up in the background (pid {state.pid}); its console in {settings.home / LOG_FILE}, "
+                f"one log file per process in {log_dir(settings)}"
+            )
         else:
             stack = Stack(settings, devices, flower)
             stack.start()
@@ -349,6 +354,7 @@ def up(
             for note in stack.notes:
                 typer.echo(note, err=True)
             typer.echo("conveyor is up: Redis, workers" + (" and Flower" if flower_url else "") + ". Ctrl-C stops all.")
+            typer.echo(f"logs: one file per process in {log_dir(settings)}")
     except RuntimeError as exc:
         _fail(str(exc))
     if flower_url:

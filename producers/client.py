@@ -4,15 +4,16 @@ and pydantic only, tasks sent by name, never an import of torch or the workers.
     client = Client()
     handle = client.submit(ClassifyJob(texts=["..."], labels=["sports", "finance"]))
     result = handle.result(timeout=30)
+    results = client.wait_all(client.submit_many(jobs), timeout=60)   # or client.as_completed(...)
+
+``AsyncClient`` (producers.sdk.async_client) is the asyncio SDK; it is importable from here too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,33 +24,25 @@ from celery.result import AsyncResult
 from pydantic import BaseModel
 
 from producers.admission import QueueDepthGate
+from producers.sdk import outcomes
+from producers.sdk.outcomes import JobStatus
 from producers.submit_claims import SubmitClaims
+from producers.tenancy.gate import TenantGate
 from shared.celery_config import celery_config, celery_priority
 from shared.errors import JobFailed
 from shared.jobs import JobBase
-from shared.kinds import RESULT_MODELS, parse_job
-from shared.names import CANCEL_KEY_PREFIX, QUEUES, TASKS, priority_lists
+from shared.kinds import parse_job
+from shared.names import CANCEL_KEY_PREFIX, JOB_ID_KEY_PREFIX, QUEUES, TASKS, priority_lists
 from shared.redis_clients import reuse_redis_clients
 from shared.redis_connect import redis_client
-from shared.results import Progress
 from shared.settings import Settings
+from shared.tenant_keys import claim_key
+from shared.tenants import tenant_of
 
 if TYPE_CHECKING:
     from producers.score.run import ScoreHandle
 
 JobLike = JobBase | dict[str, Any]
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    id: str
-    state: str  # PENDING (queued or unknown), STARTED, PROGRESS, SUCCESS, FAILURE, REVOKED, RETRY
-    progress: Progress | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("SUCCESS", "FAILURE", "REVOKED")
 
 
 class JobHandle:
@@ -58,31 +51,29 @@ class JobHandle:
         self.id = job_id
         self.type = job_type
         self._async = AsyncResult(job_id, app=client.app)
+        self._ready: outcomes.Meta | None = None  # the finished record, once wait_all/as_completed read it
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, type={self.type!r})"
 
     def status(self) -> JobStatus:
-        state = self._async.state
-        info = self._async.info
-        progress = Progress.model_validate(info) if state == "PROGRESS" and isinstance(info, dict) else None
-        error = f"{type(info).__name__}: {info}" if state in ("FAILURE", "REVOKED") and info is not None else None
-        return JobStatus(self.id, state, progress, error)
+        """PENDING both for a queued job and for an id nobody submitted (Celery keeps no record
+        of either): ``exists()`` tells them apart."""
+        return outcomes.status_of(self.id, self._async.state, self._async.info)
+
+    def exists(self) -> bool:
+        return self.client.exists(self.id)
 
     def result_json(self, timeout: float | None = None) -> dict[str, Any]:
         """The raw result object; raises JobFailed (with the worker's error type and message)."""
+        if self._ready is not None:
+            return outcomes.result_json(self.id, str(self._ready.get("status")), self._ready.get("result"))
         value = self._async.get(timeout=timeout, propagate=False, interval=0.05)
-        if self._async.state != "SUCCESS":
-            raise JobFailed(self.id, type(value).__name__ if value is not None else self._async.state, str(value))
-        if not isinstance(value, dict):
-            raise JobFailed(self.id, "BadResult", f"expected a JSON object, got {value!r}")
-        return value
+        return outcomes.result_json(self.id, self._async.state, value)
 
     def result(self, timeout: float | None = None) -> BaseModel:
         """The typed result (ClassifyResult, TranscribeResult, ...)."""
-        value = self.result_json(timeout)
-        model = RESULT_MODELS.get(str(value.get("type", self.type)))
-        return model.model_validate(value) if model else _Untyped.model_validate(value)
+        return outcomes.typed(self.result_json(timeout), self.type, self.id)
 
     def cancel(self) -> None:
         self.client.cancel(self.id)
@@ -91,15 +82,16 @@ class JobHandle:
         self._async.forget()
 
 
-class _Untyped(BaseModel, extra="allow"):
-    pass
-
-
 class Client:
-    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, settings: Settings | None = None, tenant: str | None = None
+    ) -> None:
         self.settings = settings or Settings()
         if redis_url:
             self.settings = self.settings.model_copy(update={"redis_url": redis_url})
+        # A tenant's jobs carry its prefix, claims and quotas (producers/tenancy/gate.py).
+        self.tenant = tenant or self.settings.tenant
+        self._tenant = TenantGate(lambda: self.redis, self.tenant, self.settings) if self.tenant else None
         reuse_redis_clients()
         self.app = Celery("conveyor-producer", set_as_current=False)
         self.app.conf.update(celery_config(self.settings))
@@ -121,16 +113,27 @@ class Client:
         them all over one connection. ``queue``: another queue than the job type's own (bulk
         scoring sends to shared.names.BULK_QUEUES)."""
         parsed = [job if isinstance(job, JobBase) else parse_job(job) for job in jobs]
+        if self._tenant is not None:
+            parsed = [self._tenant.stamp(job) for job in parsed]
         targets = [queue or QUEUES[job.type] for job in parsed]
         self._gate.admit(Counter(targets))  # QueueFull before anything is claimed or sent
         claims = SubmitClaims(self.redis, self.settings)
         earlier = claims.claim_all(parsed)  # IdempotencyConflict / DuplicateJob, nothing sent
+        fresh = [job.id for job, existing in zip(parsed, earlier) if existing is None]
+        if self._tenant is not None:
+            try:  # QuotaExceeded, nothing sent; else each job's submit claim is written
+                self._tenant.admit([job for job, existing in zip(parsed, earlier) if existing is None])
+            except BaseException:
+                claims.release()
+                raise
         handles: list[JobHandle] = []
         sent: list[str] = []
         try:
             self._publish(parsed, targets, earlier, handles, sent)
         except BaseException:
             claims.release(keep=sent)  # a retry of the unsent jobs must not find their keys taken
+            if self._tenant is not None:
+                self._tenant.release([i for i in fresh if i not in set(sent)])
             raise
         return handles
 
@@ -155,6 +158,7 @@ class Client:
                     priority=celery_priority(job.priority),
                     expires=job.deadline,
                     producer=producer,
+                    declare=[],  # routed by the queue's name; declaring (SADD bindings) is the workers' part
                 )
                 sent.append(job.id)
                 self._gate.sent(target)
@@ -199,10 +203,38 @@ class Client:
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
 
+    def exists(self, job_id: str) -> bool:
+        """Whether Conveyor knows the job: it has a record in the result backend (started, in
+        progress or finished, while results are kept), or a submit through this SDK recorded it
+        (``producers.submit_claims``; a tenant's submit claim too). A job another Celery client
+        sent is known once a worker records its state. One EXISTS, whatever the answer."""
+        keys = [self.app.backend.get_key_for_task(job_id), JOB_ID_KEY_PREFIX + job_id, claim_key(job_id)]
+        return bool(self.redis.exists(*keys))
+
+    def wait_all(
+        self, handles: Iterable[JobHandle], timeout: float | None = None, *, return_exceptions: bool = False
+    ) -> list[BaseModel | JobFailed]:
+        """Every handle's typed result, in order, once all are done; one subscriber connection for
+        all (producers/sdk/waiting.py). A failed job raises its JobFailed (the first in order), or
+        is returned in its place with ``return_exceptions``; TimeoutError names what is unfinished."""
+        from producers.sdk.waiting import wait_all
+
+        return wait_all(self, list(handles), timeout, return_exceptions)
+
+    def as_completed(self, handles: Iterable[JobHandle], timeout: float | None = None) -> Iterator[JobHandle]:
+        """The handles as their jobs finish (``handle.result()`` then answers at once); TimeoutError
+        when ``timeout`` passes first."""
+        from producers.sdk.waiting import as_completed
+
+        return as_completed(self, list(handles), timeout)
+
     def cancel(self, job_id: str) -> None:
         """Revoke a queued job and flag a running one; long jobs check the flag and stop."""
+        if self._tenant is not None and tenant_of(job_id) != self.tenant:
+            raise ValueError(f"job {job_id!r} is not tenant {self.tenant!r}'s")
         self.redis.set(CANCEL_KEY_PREFIX + job_id, datetime.now(UTC).isoformat(), ex=self.settings.result_ttl_s)
-        self.app.control.revoke(job_id)
+        if self._tenant is None:  # a tenant's user may not broadcast to workers: the flag alone cancels
+            self.app.control.revoke(job_id)
 
     def queue_depths(self) -> dict[str, int]:
         depths: dict[str, int] = {}
@@ -255,23 +287,10 @@ class Client:
         self.close()
 
 
-class AsyncClient:
-    """asyncio front of ``Client``: the same calls, awaited, off the event loop's thread."""
 
-    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
-        self.sync = Client(redis_url, settings)
+def __getattr__(name: str) -> Any:
+    if name == "AsyncClient":  # lazy: the asyncio SDK imports this module
+        from producers.sdk.async_client import AsyncClient
 
-    async def submit(self, job: JobLike) -> JobHandle:
-        return await asyncio.to_thread(self.sync.submit, job)
-
-    async def submit_many(self, jobs: Iterable[JobLike]) -> list[JobHandle]:
-        return await asyncio.to_thread(self.sync.submit_many, list(jobs))
-
-    async def result(self, handle: JobHandle, timeout: float | None = None) -> BaseModel:
-        return await asyncio.to_thread(handle.result, timeout)
-
-    async def status(self, handle: JobHandle) -> JobStatus:
-        return await asyncio.to_thread(handle.status)
-
-    async def cancel(self, job_id: str) -> None:
-        await asyncio.to_thread(self.sync.cancel, job_id)
+        return AsyncClient
+    raise AttributeError(name)

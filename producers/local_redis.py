@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from producers.tenancy.acl_file import ACL_FILE, write_acl_file
+from shared.keyspace_events import KEYSPACE_EVENTS
 from shared.settings import REDIS_URL_FILE
 from shared.supervisor import Child, ChildSpec, spawn
 
@@ -89,9 +91,10 @@ def _serves_dir(pid: int, data_dir: Path) -> bool:
     """Whether ``pid`` is a redis-server working in ``data_dir`` (a pid file can outlive its
     process). redis-server rewrites its command line, but it changes into its data directory."""
     try:
-        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes() and Path(
-            f"/proc/{pid}/cwd"
-        ).resolve() == data_dir.resolve()
+        return (
+            b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and Path(f"/proc/{pid}/cwd").resolve() == data_dir.resolve()
+        )
     except OSError:
         return False
 
@@ -140,9 +143,16 @@ class LocalRedis:
             "save": '""',
             "daemonize": "no",
             "maxmemory-policy": "noeviction",
+            # Keyspace events for list commands: an idle worker sleeps until a push to one of its
+            # queues wakes it (workers/wakeup.py), instead of polling.
+            "notify-keyspace-events": KEYSPACE_EVENTS,
             "logfile": str(data_dir / "redis.log"),
             "pidfile": str(data_dir / PID_FILE),
+            # Users with least privilege (producers/tenancy/roles.py) live in an ACL file, which
+            # holds the default user's password too (Redis ignores requirepass beside one).
+            "aclfile": str(data_dir / ACL_FILE),
         }
+        write_acl_file(data_dir / ACL_FILE, password)
         write_private(data_dir / CONFIG_FILE, "".join(f"{key} {value}\n" for key, value in config.items()))
         self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
         return ChildSpec(

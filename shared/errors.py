@@ -9,7 +9,8 @@ message.
 - ``ModelNotFound``: a model name that the store does not hold. Never retried.
 - ``JobExpired`` / ``JobCancelled``: the job's deadline passed or a user cancelled it.
 - ``TransientError``: worth another try (device out of memory, lost connection).
-- ``IdempotencyConflict`` / ``DuplicateJob`` / ``QueueFull``: refused at submit, nothing queued.
+- ``IdempotencyConflict`` / ``DuplicateJob`` / ``QueueFull`` / ``QuotaExceeded``: refused at submit,
+  nothing queued.
 Anything else is an unexpected failure: recorded with its message, not retried.
 """
 
@@ -56,6 +57,21 @@ class QueueFull(ConveyorError):
     """Raised at submit: the queue holds more jobs than CONVEYOR_MAX_QUEUE_DEPTH; try again later."""
 
     retryable = True
+
+
+class QuotaExceeded(ConveyorError):
+    """Raised at submit: the tenant would pass one of its quotas (jobs queued, jobs a second);
+    nothing was queued. ``retry_after_s``: when a retry may pass (the gateway's Retry-After)."""
+
+    retryable = True
+
+    def __init__(self, message: str, tenant: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickled across processes with its fields
+        return (type(self), (str(self), self.tenant, self.retry_after_s))
 
 
 class JobFailed(ConveyorError):

@@ -117,12 +117,19 @@ class Settings(BaseSettings):
         description="Set by `conveyor worker` for each inference process it starts: the file the process "
         "touches while its ingest loop turns, which the supervisor watches.",
     )
+    wakeup: Literal["notify", "poll"] = Field(
+        default="notify",
+        description="How an idle worker learns of a new job: notify (it sleeps until Redis's keyspace "
+        "notifications report a push to one of its queues, and looks once a second besides; where Redis "
+        "sends none, it polls) or poll (it looks every CONVEYOR_IDLE_POLL_MS).",
+    )
     idle_poll_ms: float = Field(
         default=5.0,
         ge=0.5,
         le=1000.0,
-        description="Longest wait between two looks at the queues when a worker is idle (it looks again at "
-        "once while jobs keep coming): the most an idle worker adds to a lone job's latency.",
+        description="When an idle worker polls (CONVEYOR_WAKEUP=poll, or a Redis without keyspace notifications): "
+        "the longest wait between two looks at its queues, each two Redis commands; the most it adds to a lone "
+        "job's latency.",
     )
     prefetch_items: int = Field(
         default=0,
@@ -219,6 +226,84 @@ class Settings(BaseSettings):
         description="How long a down worker stays listed with celery_worker_up 0 before its series is "
         "dropped (seconds).",
     )
+    # -- the HTTP gateway (producers/gateway/) ------------------------------------------------
+    gateway_port: int = Field(
+        default=8780,
+        ge=1,
+        le=65535,
+        description="Port of the HTTP gateway (`conveyor gateway`, started by `conveyor up`).",
+    )
+    gateway_address: str = Field(
+        default="127.0.0.1",
+        description="Address the HTTP gateway listens on. 0.0.0.0 opens it to other machines (put TLS in front).",
+    )
+    gateway_max_body_kb: int = Field(
+        default=16_384,
+        ge=1,
+        le=1_048_576,
+        description="Largest request body the gateway reads, in KiB (16 MiB: a job with inline audio or images); "
+        "checked from Content-Length and again while reading, before anything is parsed (413).",
+    )
+    gateway_rate_per_s: float = Field(
+        default=100.0,
+        gt=0.0,
+        le=1_000_000.0,
+        description="Requests per second each API key may make (a token bucket; `conveyor keys add --rate-per-s` "
+        "sets one key's own); more get 429 with Retry-After.",
+    )
+    gateway_rate_burst: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000,
+        description="Requests an API key may make at once above its rate (the bucket's size).",
+    )
+    gateway_max_wait_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest long poll (`GET /v1/jobs/ID/wait?timeout=`); a larger timeout is cut to this.",
+    )
+    gateway_max_connections: int = Field(
+        default=1024,
+        ge=1,
+        le=100_000,
+        description="Connections and requests the gateway serves at once; more are answered 503 at once.",
+    )
+    gateway_webhook_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts (host or host:port, comma-separated) a job's callback_url may name; a callback to any "
+        "other host is refused at submit (422) and redirects are never followed. Empty: no webhooks.",
+    )
+    gateway_webhook_secret: str | None = Field(
+        default=None,
+        description="Key of the HMAC-SHA256 signature on each webhook (Conveyor-Signature header). Unset: generated "
+        "once, kept in CONVEYOR_HOME/gateway-webhook.secret.",
+    )
+    gateway_webhook_attempts: int = Field(
+        default=6,
+        ge=1,
+        le=100,
+        description="Deliveries tried per webhook (a non-2xx answer, a redirect or no answer is retried with "
+        "exponential backoff and jitter) before it is given up.",
+    )
+    gateway_webhook_backoff_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=3600.0,
+        description="Base of the exponential backoff between webhook attempts (seconds).",
+    )
+    gateway_webhook_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=300.0,
+        description="Longest wait for a webhook receiver to answer one attempt (seconds).",
+    )
+    gateway_max_webhooks: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Webhooks waiting for their jobs at once; a submit with a callback_url beyond it gets 503.",
+    )
     input_roots: Annotated[list[Path], NoDecode] | None = Field(
         default=None,
         description="Directories jobs may read input files from (audio_path, data_path, ...), separated by "
@@ -229,6 +314,25 @@ class Settings(BaseSettings):
         default=100_000,
         ge=0,
         description="Jobs a queue may hold before submit refuses new ones with QueueFull. 0: unbounded.",
+    )
+    tenant: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="The tenant this producer submits for: the SDK and CLI give its jobs ids and idempotency keys "
+        "prefixed 'TENANT:', write its submit claims and check its quotas (a Redis user bound to the tenant "
+        "allows nothing else). Unset: no tenant.",
+    )
+    tenant_max_queued: int = Field(
+        default=10_000,
+        ge=1,
+        description="Default quota: jobs a tenant may have submitted and not yet taken by a worker (`conveyor "
+        "users quota` sets one tenant's own); more are refused with QuotaExceeded.",
+    )
+    tenant_max_jobs_per_s: int = Field(
+        default=1_000,
+        ge=1,
+        description="Default quota: jobs a tenant may submit in one second (`conveyor users quota` sets one "
+        "tenant's own); more are refused with QuotaExceeded and a retry_after_s.",
     )
     max_audio_file_mb: int = Field(
         default=200,
@@ -251,6 +355,26 @@ class Settings(BaseSettings):
         "read, in MB; checked before the file is read, and the read stops there.",
     )
 
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines of every process `conveyor up` starts: text, or json (one JSON object per line: "
+        "time, level, process, worker, event, job_id, kind, error_type, error, duration_s).",
+    )
+    log_dir: Path | None = Field(
+        default=None,
+        description="Where `conveyor up` and the worker launcher write one rotating log file per process. "
+        "Unset: CONVEYOR_HOME/logs for `conveyor up`; standard error for a `conveyor worker` started alone.",
+    )
+    log_max_mb: int = Field(
+        default=20, ge=1, le=10_000, description="Size (MB) at which a process's log file is rotated."
+    )
+    log_backups: int = Field(default=3, ge=0, le=100, description="Rotated log files kept per process.")
+    debug: bool = Field(
+        default=False,
+        description="The CLI shows the traceback of an infrastructure failure (Redis down, refused login, bad "
+        "URL, TLS, timeout) after its two-line message (also `conveyor --debug`).",
+    )
+
     @field_validator("input_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
@@ -262,6 +386,16 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part]
+        return value
+
+    @field_validator("gateway_webhook_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        # "a.example,b.example:8443" from the environment, or a JSON list; host names compare lower-case.
+        if isinstance(value, str):
+            text = value.strip()
+            hosts = json.loads(text) if text.startswith("[") else text.split(",")
+            return [str(h).strip().lower() for h in hosts if str(h).strip()]
         return value
 
     @cached_property

@@ -53,6 +53,8 @@ from workers.envelope import MAX_MESSAGE_BYTES, Envelope, decode, explain_refusa
 from workers.result_writer import RESULT_KEY_PREFIX, UNACKED_INDEX_KEY, UNACKED_KEY, Outcome, ResultWriter
 from workers.runtime import Runtime
 from workers.task_events import TaskEvents
+from workers.tenancy import claim_refusal
+from workers.wakeup import SAFETY_LOOK_S, Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,10 @@ local function take(m, li)
   return true
 end
 
+-- One EXISTS over every list first: a look at empty queues costs Redis two commands, not one
+-- RPOP per list (9 kinds x 10 priorities, interactive and bulk: ~140 lists).
+if redis.call('EXISTS', unpack(LISTS)) == 0 then return out end
+
 local interactive = tonumber(ARGV[3])
 local nbulk = tonumber(ARGV[4])
 local taken = 0
@@ -406,6 +412,7 @@ class Ingest:
         job_types: Sequence[str] = INFERENCE_TYPES,
         accept: Callable[[], bool] | None = None,
         idle_poll_s: float = 0.005,
+        wakeup: Wakeup | None = None,
         revoked: Container[str] = frozenset(),
         on_active: Callable[[InFlight, bool], None] | None = None,
         on_outcome: Callable[[InFlight | None, Outcome], None] | None = None,
@@ -422,6 +429,7 @@ class Ingest:
         self.result_ttl_s = result_ttl_s
         self.retry_backoff_s = retry_backoff_s
         self.idle_poll_s = max(_IDLE_FIRST_S, idle_poll_s)
+        self.wakeup = wakeup  # None: poll while idle
         self.revoked = revoked
         self.on_active = on_active
         self.on_outcome = on_outcome
@@ -464,6 +472,8 @@ class Ingest:
         put any still unfinished back at the head of the lists they came from, at once."""
         self._draining.set()
         self._stop.set()
+        if self.wakeup is not None:
+            self.wakeup.stop()
         with self._room:
             self._room.notify_all()
         deadline = time.monotonic() + timeout
@@ -542,12 +552,14 @@ class Ingest:
     def _loop(self) -> None:
         # Redis has no blocking pop across many lists that leaves the message safe until it is
         # filed as unacked (a worker frozen inside BRPOP would take one message with it), so an
-        # idle worker polls: the Lua call is cheap, and the wait grows from 0.5 ms to
-        # CONVEYOR_IDLE_POLL_MS while nothing comes.
+        # idle worker sleeps until a push wakes it (``workers.wakeup``), or, where Redis sends no
+        # keyspace notifications, polls: the wait grows from 0.5 ms to CONVEYOR_IDLE_POLL_MS.
         backoff = 0.1
         idle = _IDLE_FIRST_S
         while not self._stop.is_set():
             self.beat = time.monotonic()
+            if self.wakeup is not None:
+                self.wakeup.clear()  # before the pop: a push after it wakes the wait below
             try:
                 self._due_retries()
                 if self.beat - self._limits_checked > _LIMITS_EVERY_S:
@@ -565,6 +577,9 @@ class Ingest:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if not popped:
+                if self.wakeup is not None and self.wakeup.armed:
+                    self.wakeup.wait(self._sleep_s())
+                    continue
                 self._stop.wait(idle)
                 idle = min(idle * 2, self.idle_poll_s)
                 continue
@@ -576,6 +591,14 @@ class Ingest:
             if len(popped) < min(room, _COALESCE_BELOW):
                 # Jobs trickling in: let a few gather for 1 ms rather than pay a pop for each one.
                 self._stop.wait(_COALESCE_S)
+
+    def _sleep_s(self) -> float:
+        """How long an armed idle loop may sleep: until the next due retry or time-limit check."""
+        sleep = SAFETY_LOOK_S if not self._inflight else _LIMITS_EVERY_S
+        with self._room:
+            if self._retries:
+                sleep = min(sleep, max(0.0, self._retries[0][0] - time.monotonic()))
+        return sleep
 
     def _wait_for_room(self) -> tuple[int, int]:
         with self._room:
@@ -676,9 +699,7 @@ class Ingest:
         """A message the pop script dead-lettered (it could not be filed for kombu's restore): its
         client, where the id can be read, gets a FAILURE naming the reason."""
         job_id = recover_id(p.message)
-        log.warning(
-            "a message on %s was moved to the dead-letter queue as %s: %s", p.queue, p.tag, printable(p.reason)
-        )
+        log.warning("a message on %s was moved to the dead-letter queue as %s: %s", p.queue, p.tag, printable(p.reason))
         env = Envelope(p.message, id=job_id, queue=p.queue)
         detail = explain_refusal(p.message, p.reason) if job_id else p.reason
         outcome = Outcome(env, "FAILURE" if job_id else "", InvalidJob(f"message refused: {detail}"))
@@ -725,6 +746,8 @@ class Ingest:
             task = printable(env.task or "")
             raise _Refused(f"task {task!r} is not served from queue {env.queue!r}")
         assert env.id is not None
+        if (unclaimed := claim_refusal(self.client, env.id, job_data(env.args, env.kwargs))) is not None:
+            raise _Refused(unclaimed)  # a tenant's job its producer did not claim (workers/tenancy.py)
         if env.id in finished:  # redelivered after its result was written: acknowledge, do not run again
             self.writer.put(Outcome(env, ""))
             return None
@@ -793,6 +816,8 @@ class Ingest:
         with self._room:
             self._seq += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, self._seq, entry))
+        if self.wakeup is not None:
+            self.wakeup.wake()  # a sleeping loop recomputes how long it may sleep
 
     def _due_retries(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,48 @@
+"""The worker's check of a tenant's job: its submit claim must be there and match.
+
+A job whose id carries a tenant prefix (``T:...``, shared/tenants.py) runs only if
+``conveyor:claim:T:...`` holds the digest of the job's JSON as received (shared/tenant_keys.py).
+Only a Redis user whose ACL allows ``~conveyor:claim:T:*`` can write that key: tenant T's producers
+(producers/tenancy/roles.py). The queues are shared by every tenant and Redis cannot look inside a
+message, so this is what stops tenant A from publishing a job under tenant B's prefix (to read
+its result, or to overwrite one of B's results): A cannot write B's claim. The digest binds the
+claim to the job, so a claim cannot be reused for another payload under the same id.
+
+At the same time the job leaves its tenant's queued count (the quota, producers/tenancy/gate.py):
+ZREM, idempotent, so a redelivery cannot count twice. One pipelined round trip per tenant job;
+jobs without a tenant prefix cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from shared.tenant_keys import claim_key, job_digest, queued_key
+from shared.tenants import tenant_of
+from shared.wire_text import printable
+
+
+def claim_refusal(client: redis.Redis, job_id: str, job_json: dict[str, Any]) -> str | None:
+    """Why the job may not run (no claim, or a claim for another payload), or None."""
+    tenant = tenant_of(job_id)
+    if tenant is None:
+        return None
+    pipe = client.pipeline(transaction=False)
+    pipe.get(claim_key(job_id))
+    pipe.zrem(queued_key(tenant), job_id)
+    claim, _ = pipe.execute()
+    shown = printable(job_id, 100)
+    if claim is None:
+        return (
+            f"job {shown!r} carries tenant {tenant!r}'s prefix but has no submit claim ({claim_key('')}{shown}): "
+            f"only a producer logged in as tenant {tenant!r} may submit it (README: Access control)"
+        )
+    try:
+        digest = job_digest(job_json)
+    except (TypeError, ValueError):
+        digest = ""
+    if (claim.decode(errors="replace") if isinstance(claim, bytes) else str(claim)) != digest:
+        return f"job {shown!r} does not match its submit claim: its payload is not what tenant {tenant!r} submitted"
+    return None
