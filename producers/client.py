@@ -207,9 +207,14 @@ class Client:
         """Whether Conveyor knows the job: it has a record in the result backend (started, in
         progress or finished, while results are kept), or a submit through this SDK recorded it
         (``producers.submit_claims``; a tenant's submit claim too). A job another Celery client
-        sent is known once a worker records its state. One EXISTS, whatever the answer."""
-        keys = [self.app.backend.get_key_for_task(job_id), JOB_ID_KEY_PREFIX + job_id, claim_key(job_id)]
-        return bool(self.redis.exists(*keys))
+        sent is known once a worker records its state. GETs only (a tenant's producer role grants
+        them): the small submit records first, the result record only when neither is there."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(JOB_ID_KEY_PREFIX + job_id)
+        pipe.get(claim_key(job_id))
+        if any(pipe.execute()):
+            return True
+        return self.redis.get(self.app.backend.get_key_for_task(job_id)) is not None
 
     def wait_all(
         self, handles: Iterable[JobHandle], timeout: float | None = None, *, return_exceptions: bool = False
@@ -267,9 +272,7 @@ class Client:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
-            ready = [
-                name for name, qs in replies.items() if not queues or set(queues) <= {q["name"] for q in qs}
-            ]
+            ready = [name for name, qs in replies.items() if not queues or set(queues) <= {q["name"] for q in qs}]
             if ready:
                 return sorted(ready)
             time.sleep(0.5)
@@ -285,7 +288,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
 
 
 def __getattr__(name: str) -> Any:

@@ -6,8 +6,9 @@ for a job whose producer chose its id, the id itself.
   payload it is refused (``IdempotencyConflict``): a key names one piece of work. A key
   holding a bare id (written before hashes were stored) matches any payload.
 - Explicit job id -> ``conveyor:job:ID`` (SET NX, kept as long as results). A second submit
-  of the same id is refused (``DuplicateJob``) instead of running the job twice. Generated
-  ids (uuid4) need no claim.
+  of the same id is refused (``DuplicateJob``) instead of running the job twice. A generated
+  id (uuid4) needs no claim, but is recorded under the same key (one pipelined round trip for
+  the whole call), so ``Client.exists`` knows a queued job from an id nobody submitted.
 
 Claims are all-or-nothing per call: on a refusal, or when sending fails, the claims this call
 made are released (only where they still hold this call's value), so a retry starts clean.
@@ -68,10 +69,23 @@ class SubmitClaims:
                 if existing is None and explicit_id(job):
                     self._claim_id(job)
                 found.append(existing)
+            self._record_generated([job for job, earlier in zip(jobs, found) if earlier is None])
         except (IdempotencyConflict, DuplicateJob, redis.RedisError):
             self.release()
             raise
         return found
+
+    def _record_generated(self, jobs: Sequence[JobBase]) -> None:
+        fresh = [job for job in jobs if not explicit_id(job)]
+        if not fresh:
+            return
+        value = datetime.now(UTC).isoformat()
+        pipe = self.redis.pipeline(transaction=False)
+        for job in fresh:
+            pipe.set(JOB_ID_KEY_PREFIX + job.id, value, ex=self.settings.result_ttl_s)
+        pipe.execute()
+        for job in fresh:
+            self._made.setdefault(job.id, []).append((JOB_ID_KEY_PREFIX + job.id, value))
 
     def release(self, keep: Sequence[str] = ()) -> None:
         """Undo the claims of jobs not in ``keep`` (the ids that were sent)."""

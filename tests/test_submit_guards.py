@@ -69,9 +69,9 @@ def test_explicit_id_twice_is_refused(db_url: str, tmp_path: Path) -> None:
             client.submit(job(id="invoice-7"))
         assert queued(client.redis) == 1
         assert 0 < int(client.redis.ttl(JOB_ID_KEY_PREFIX + "invoice-7")) <= client.settings.result_ttl_s
-        # generated ids claim nothing: no key per ordinary job
-        client.submit(job())
-        assert len(list(client.redis.scan_iter(JOB_ID_KEY_PREFIX + "*"))) == 1
+        # a generated id claims nothing but is recorded, so exists() knows it while it is queued
+        generated = client.submit(job())
+        assert len(list(client.redis.scan_iter(JOB_ID_KEY_PREFIX + "*"))) == 2 and generated.exists()
 
 
 def test_a_refused_batch_sends_nothing_and_releases_its_claims(db_url: str, tmp_path: Path) -> None:

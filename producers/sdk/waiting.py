@@ -1,0 +1,126 @@
+"""Waiting on many jobs at once (``Client.wait_all``, ``Client.as_completed``) through the result
+backend's pub/sub: Celery's Redis backend PUBLISHes every record it writes on a channel named
+like its key (``celery-task-meta-ID``; Conveyor's result writer does the same). One subscriber
+connection serves every handle of a call, whatever their number:
+
+1. SUBSCRIBE to each job's channel and wait for Redis to confirm: from then on, a record
+   written is a message to us;
+2. read every record once (pipelined GETs): jobs that finished before (1) are found here;
+3. take messages as they come; re-read the still pending records every ``RECHECK_S``, so a
+   message lost while the subscriber reconnected costs a second, not the whole timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from producers.sdk.outcomes import Meta, decode, is_ready, outcome
+from shared.errors import JobFailed
+
+if TYPE_CHECKING:
+    from producers.client import Client, JobHandle
+
+RECHECK_S = 1.0
+CHUNK = 1000  # channels per SUBSCRIBE and keys per pipeline: bounded commands for any number of handles
+
+
+def _chunks(items: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]
+
+
+def not_finished(left: int, total: int, timeout: float | None, ids: Sequence[str]) -> TimeoutError:
+    sample = ", ".join(list(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+    return TimeoutError(f"{left} of {total} jobs not finished within {timeout:g}s ({sample})")
+
+
+def ready_records(client: Client, ids: Sequence[str], timeout: float | None) -> Iterator[tuple[str, Meta]]:
+    """(id, record) for each job as it finishes, each id once; TimeoutError when ``timeout``
+    seconds pass with some unfinished (None: no limit)."""
+    backend = client.app.backend
+    pending: dict[bytes, str] = {bytes(backend.get_key_for_task(i)): i for i in dict.fromkeys(ids)}
+    total = len(pending)
+    end = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float:
+        if end is None:
+            return RECHECK_S
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise not_finished(len(pending), total, timeout, list(pending.values()))
+        return min(remaining, RECHECK_S)
+
+    def reread() -> list[tuple[bytes, Meta]]:
+        found = []
+        for chunk in _chunks(list(pending)):
+            pipe = client.redis.pipeline(transaction=False)
+            for key in chunk:
+                pipe.get(key)  # GETs, not MGET: a tenant's producer role grants GET (producers/tenancy/roles.py)
+            for key, raw in zip(chunk, pipe.execute()):
+                if raw is not None and is_ready(meta := decode(backend, raw)):
+                    found.append((key, meta))
+        return found
+
+    if not pending:
+        return
+    pubsub = client.redis.pubsub()
+    try:
+        for chunk in _chunks(list(pending)):
+            pubsub.subscribe(*chunk)
+        messages: list[dict[str, Any]] = []
+        confirmed = 0
+        while confirmed < total:
+            message = pubsub.get_message(timeout=left())
+            if message is not None and message["type"] == "subscribe":
+                confirmed += 1
+            elif message is not None and message["type"] == "message":
+                messages.append(message)
+        found = reread()
+        last_read = time.monotonic()
+        while pending:
+            for message in messages:
+                if message["channel"] in pending and is_ready(meta := decode(backend, message["data"])):
+                    found.append((message["channel"], meta))
+            messages = []
+            for key, meta in found:
+                if key in pending:
+                    yield pending.pop(key), meta
+            found = []
+            if not pending:
+                return
+            message = pubsub.get_message(timeout=left())
+            if message is not None and message["type"] == "message":
+                messages.append(message)
+            if time.monotonic() - last_read >= RECHECK_S:
+                found, last_read = reread(), time.monotonic()
+    finally:
+        pubsub.close()  # drops the connection, and with it every subscription
+
+
+def as_completed(client: Client, handles: Sequence[JobHandle], timeout: float | None) -> Iterator[JobHandle]:
+    by_id: dict[str, list[JobHandle]] = {}
+    for handle in handles:
+        by_id.setdefault(handle.id, []).append(handle)
+    for job_id, meta in ready_records(client, list(by_id), timeout):
+        for handle in by_id[job_id]:
+            handle._ready = meta  # its result() answers without asking Redis again
+            yield handle
+
+
+def wait_all(
+    client: Client, handles: Sequence[JobHandle], timeout: float | None, return_exceptions: bool
+) -> list[BaseModel | JobFailed]:
+    for _ in as_completed(client, handles, timeout):
+        pass
+    outcomes: list[BaseModel | JobFailed] = []
+    for handle in handles:
+        assert handle._ready is not None
+        result = outcome(handle.id, handle.type, handle._ready)
+        if isinstance(result, JobFailed) and not return_exceptions:
+            raise result
+        outcomes.append(result)
+    return outcomes

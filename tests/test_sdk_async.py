@@ -1,0 +1,205 @@
+"""The SDK over many handles: AsyncClient on redis.asyncio (waits are pub/sub futures, not
+threads), Client.wait_all / as_completed, exists() for unknown ids. Real Redis; records written
+by Celery's own result backend, or by a real worker running real jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from conftest import empty_db
+from e2e_helpers import LABELS, TOPICAL
+from pydantic import BaseModel
+
+from producers.client import AsyncClient as ReExported
+from producers.client import Client, JobHandle
+from producers.sdk.async_client import AsyncClient, AsyncJobHandle
+from shared.celery_config import celery_config
+from shared.errors import InvalidJob, JobFailed
+from shared.jobs import ClassifyJob
+from shared.results import ClassifyResult
+from shared.settings import Settings
+
+DB = 13
+
+
+@pytest.fixture()
+def url(redis_url: str) -> Iterator[str]:
+    """A database of its own: jobs queued here are never taken by the session's workers."""
+    yield from empty_db(redis_url, DB)
+
+
+def backend(url: str) -> Any:
+    """Celery's own Redis result backend: what a worker writes (SETEX and PUBLISH)."""
+    app = Celery("writer", set_as_current=False)
+    app.conf.update(celery_config(Settings(redis_url=url)))
+    return app.backend
+
+
+def ids(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+def test_async_client_is_the_one_producers_client_names() -> None:
+    assert ReExported is AsyncClient
+
+
+def test_twelve_concurrent_one_second_waits_take_one_second_without_threads(url: str) -> None:
+    async def main() -> tuple[float, list[BaseException | Any], int]:
+        async with AsyncClient(url) as client:
+            handles = [client.job(i) for i in ids(200)]
+            threads = threading.active_count()
+            start = time.monotonic()
+            outcomes = await asyncio.gather(*(h.result(timeout=1.0) for h in handles[:12]), return_exceptions=True)
+            twelve = time.monotonic() - start
+            start = time.monotonic()
+            many = await asyncio.gather(*(h.result(timeout=1.0) for h in handles), return_exceptions=True)
+            assert time.monotonic() - start < 1.8, "200 concurrent 1 s waits"
+            assert all(isinstance(o, TimeoutError) for o in many)
+            return twelve, outcomes, threading.active_count() - threads
+
+    twelve, outcomes, new_threads = asyncio.run(main())
+    assert all(isinstance(o, TimeoutError) for o in outcomes), outcomes
+    assert "1 of 1 jobs not finished within 1s" in str(outcomes[0])
+    assert 0.95 <= twelve < 1.5, f"12 concurrent 1 s waits took {twelve:.2f} s"
+    assert new_threads <= 0, "waiting started threads"
+
+
+def test_records_published_by_celerys_backend_resolve_waits_at_once(url: str) -> None:
+    """Waiting jobs finish as Celery's backend writes their records: those written before the
+    wait are read, those written during it arrive by pub/sub well inside the 1 s re-read."""
+    writer = backend(url)
+    early, late, failed = ids(3), ids(20), ids(1)
+    for job_id in early:
+        writer.store_result(job_id, {"job_id": job_id, "v": 0}, "SUCCESS")
+    writer.store_result(late[0], {"job_id": late[0], "type": "classify", "results": "not a list"}, "STARTED")
+
+    async def main() -> tuple[list[Any], list[float]]:
+        async with AsyncClient(url) as client:
+            handles = [client.job(i) for i in early + late + failed]
+            latencies: list[float] = []
+
+            async def write_later() -> None:
+                await asyncio.sleep(0.3)
+                for job_id in late:
+                    written = time.monotonic()
+                    await asyncio.to_thread(writer.store_result, job_id, {"job_id": job_id, "n": 1}, "SUCCESS")
+                    done = await client.job(job_id).result_json(timeout=5)  # a second waiter, same job
+                    latencies.append(time.monotonic() - written)
+                    assert done == {"job_id": job_id, "n": 1}
+                await asyncio.to_thread(writer.mark_as_failure, failed[0], InvalidJob("texts: too short"))
+
+            writing = asyncio.create_task(write_later())
+            order = [h.id async for h in client.as_completed(handles, timeout=20)]
+            await writing
+            results = await client.wait_all(handles, timeout=1, return_exceptions=True)
+            assert set(order) == {h.id for h in handles} and set(order[:3]) == set(early)
+            with pytest.raises(JobFailed) as raised:
+                await client.wait_all(handles, timeout=1)
+            assert raised.value.error_type == "InvalidJob" and raised.value.job_id == failed[0]
+            return results, latencies
+
+    results, latencies = asyncio.run(main())
+    assert [r.model_dump() for r in results[:3]] == [{"job_id": i, "v": 0} for i in early]
+    assert isinstance(results[-1], JobFailed) and "texts: too short" in results[-1].message
+    assert max(latencies) < 0.5, f"pub/sub latency {max(latencies):.3f} s (the re-read is 1 s)"
+
+
+def test_sync_wait_all_and_as_completed_over_one_subscriber(url: str) -> None:
+    writer = backend(url)
+    client = Client(url)
+    try:
+        done_before, done_after = ids(50), ids(50)
+        for job_id in done_before:
+            writer.store_result(job_id, {"job_id": job_id, "type": "x", "v": 1}, "SUCCESS")
+        handles = [client.job(i) for i in done_before + done_after]
+
+        def write() -> None:
+            time.sleep(0.3)
+            for job_id in done_after:
+                writer.store_result(job_id, {"job_id": job_id, "v": 2}, "SUCCESS")
+
+        thread = threading.Thread(target=write)
+        start = time.monotonic()
+        thread.start()
+        seen = [h.id for h in client.as_completed(handles, timeout=20)]
+        took = time.monotonic() - start
+        thread.join()
+        assert sorted(seen) == sorted(h.id for h in handles) and set(seen[:50]) == set(done_before)
+        assert took < 1.5, took
+        results = client.wait_all(handles, timeout=5)
+        assert [r.model_dump()["v"] for r in results if isinstance(r, BaseModel)] == [1] * 50 + [2] * 50
+        assert handles[0].result_json(timeout=0.01)["v"] == 1  # answered from what as_completed read
+
+        unknown = client.job(str(uuid.uuid4()))
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"1 of 101 jobs not finished within 0\.5s"):
+            client.wait_all([*handles, unknown], timeout=0.5)
+        assert time.monotonic() - start < 1.2
+    finally:
+        client.close()
+
+
+def test_exists_tells_a_queued_job_from_an_unknown_id_at_once(url: str) -> None:
+    client = Client(url)
+    try:
+        queued = client.submit(ClassifyJob(texts=["Snow closed the roads."], labels=LABELS), queue="sdk-test-nobody")
+        explicit = client.submit(ClassifyJob(id="my-own-id-1", texts=["x"], labels=LABELS), queue="sdk-test-nobody")
+        unknown = client.job(str(uuid.uuid4()))
+        assert queued.status().state == unknown.status().state == "PENDING"  # Celery cannot tell them apart
+        start = time.monotonic()
+        assert queued.exists() and explicit.exists() and not unknown.exists()
+        assert time.monotonic() - start < 0.1
+        backend(url).store_result("finished-elsewhere", {"job_id": "finished-elsewhere"}, "SUCCESS")
+        assert client.exists("finished-elsewhere")  # a job another Celery client sent, once it has a record
+
+        async def main() -> tuple[bool, bool, str]:
+            async with AsyncClient(url) as aclient:
+                return (
+                    await aclient.job(queued.id).exists(),
+                    await aclient.exists(unknown.id),
+                    (await aclient.status(unknown.id)).state,
+                )
+
+        assert asyncio.run(main()) == (True, False, "PENDING")
+    finally:
+        client.close()
+
+
+def test_async_client_with_a_real_worker(conveyor_env: dict[str, str], worker: Any) -> None:
+    """Real classify jobs through a real worker: submit_many gives async handles, results are
+    typed, a job that fails at the worker (sent by a bare Celery client) is a JobFailed."""
+    url = conveyor_env["CONVEYOR_REDIS_URL"]
+    bare = Celery("bare", broker=url, backend=url)
+    bare.conf.update(task_serializer="json")
+    broken = bare.send_task("conveyor.classify", args=[{"texts": [], "labels": LABELS}], queue="conveyor.classify")
+
+    async def main() -> None:
+        async with AsyncClient() as client:
+            jobs = [ClassifyJob(texts=[text], labels=LABELS) for text, _ in TOPICAL]
+            handles = await client.submit_many(jobs)
+            assert all(isinstance(h, AsyncJobHandle) for h in handles)
+            first = await handles[0].result(timeout=120)
+            assert isinstance(first, ClassifyResult) and first.results[0].labels[0].label == TOPICAL[0][1]
+            results = await client.wait_all([*handles, client.job(broken.id)], timeout=120, return_exceptions=True)
+            assert [r.results[0].labels[0].label for r in results[:-1]] == [t[1] for t in TOPICAL]  # type: ignore[union-attr]
+            assert isinstance(results[-1], JobFailed) and results[-1].error_type == "InvalidJob"
+
+    asyncio.run(main())
+    sync = Client()
+    try:
+        handles = sync.submit_many([ClassifyJob(texts=[text], labels=LABELS) for text, _ in TOPICAL])
+        finished: list[JobHandle] = list(sync.as_completed(handles, timeout=120))
+        assert sorted(h.id for h in finished) == sorted(h.id for h in handles)
+        labels = [
+            r.results[0].labels[0].label for r in sync.wait_all(handles, timeout=5) if isinstance(r, ClassifyResult)
+        ]
+        assert labels == [t[1] for t in TOPICAL]
+    finally:
+        sync.close()
