@@ -1,5 +1,6 @@
-"""Train and fine-tune as Celery jobs: progress as task state, checkpoints keyed by job id
-(a redelivered job resumes), cancellation through a Redis flag checked during training.
+"""Train and fine-tune as Celery jobs: progress as task state and, for Flower, as events;
+checkpoints keyed by job id (a redelivered job resumes); cancellation through a Redis flag
+checked during training.
 
 Exactly once in effect: a published version records the job id that produced it and the
 result that job returned (``ModelStore.publish``), so a job redelivered after it published
@@ -33,6 +34,8 @@ from workers.training.loop import Trainer, TrainingOutcome
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVENT_EVERY_S = 1.0
+
 
 def checkpoint_root(runtime: Runtime) -> Path:
     return runtime.settings.home / "checkpoints"
@@ -64,8 +67,7 @@ def run_long_job(task: Task, job: JobBase, runtime: Runtime, worker: str) -> Tra
         client.close()
         raise JobCancelled(f"job {job.id} was cancelled before it started")
 
-    def progress(p: Progress) -> None:
-        task.update_state(state="PROGRESS", meta=p.model_dump(mode="json"))
+    progress = ProgressReporter(task)
 
     def should_stop() -> bool:
         return bool(client.exists(cancel_key))
@@ -81,6 +83,44 @@ def run_long_job(task: Task, job: JobBase, runtime: Runtime, worker: str) -> Tra
         client.close()
     checkpoint.remove_owned_dir(ckpt, checkpoint_root(runtime))
     return _result(job, outcome.version, outcome, runtime, worker, picked_at, started)
+
+
+class ProgressReporter:
+    """A long job's progress, to both places people look: the PROGRESS state in the result
+    backend (``status()``, ``conveyor status ID``) at every report, and, for Flower, which builds
+    its view from events alone, a ``task-progress`` event (Celery's ``Task.send_event``; Flower
+    takes any ``task-*`` event, shows its type as the state, PROGRESS, and its ``result`` field)
+    at most every ``PROGRESS_EVENT_EVERY_S``: short epochs report each end, events stay bounded."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self._last_event = -PROGRESS_EVENT_EVERY_S
+        self._events = bool(task.app.conf.worker_send_task_events)  # as Celery's own task events
+
+    def __call__(self, p: Progress) -> None:
+        fields = p.model_dump(mode="json")
+        self.task.update_state(state="PROGRESS", meta=fields)
+        now = time.monotonic()
+        if not self._events or now - self._last_event < PROGRESS_EVENT_EVERY_S:
+            return
+        self._last_event = now
+        try:
+            self.task.send_event("task-progress", retry=False, result=progress_line(p), progress=fields)
+        except Exception as exc:  # an event is for watching: losing one must not stop training
+            log.warning("could not send the progress event of job %s: %s", self.task.request.id, exc)
+
+
+def progress_line(p: Progress) -> str:
+    """``epoch 2/5, step 10/50, loss 0.4321, 812 items/s, ETA 0:01:10``: what Flower shows as the result."""
+    parts = [f"epoch {p.epoch}/{p.epochs}", f"step {p.step}/{p.steps}"]
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.4f}")
+    if p.items_per_s is not None:
+        parts.append(f"{p.items_per_s:,.0f} items/s")
+    if p.eta_s is not None:
+        whole = round(p.eta_s)
+        parts.append(f"ETA {whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}")
+    return ", ".join(parts)
 
 
 def recorded_result(version: ModelVersion) -> dict[str, Any] | None:
