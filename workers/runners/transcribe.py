@@ -30,6 +30,7 @@ from workers.audio import SAMPLE_RATE, load_job_audio
 from workers.batcher import Batcher, BatchPolicy
 from workers.kinds import Prepared
 from workers.model_cache import ModelCache
+from workers.quantization import for_serving
 
 WINDOW_S: Final = 30.0
 # Overlap on each side of a seam: a word cut by one window's edge lies whole in its neighbour.
@@ -131,6 +132,10 @@ class LoadedWhisper:
     def buffers(self) -> Any:
         return self.model.buffers()
 
+    @property
+    def nbytes(self) -> int:  # an int8 model's packed weights (neither parameters nor buffers)
+        return int(getattr(self.model, "nbytes", 0))
+
 
 def _vocab_mask(token_ids: list[int] | None, size: int, device: str) -> torch.Tensor:
     mask = torch.zeros(size, dtype=torch.bool, device=device)
@@ -145,7 +150,8 @@ def _load_whisper(path: Path, device: str) -> LoadedWhisper:
     # fp16 on GPUs; on CPUs fp16/bf16 matmuls are many times slower than fp32.
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    model.to(device).eval()  # type: ignore[arg-type]  # transformers' decorator hides Module.to's signature
+    model = for_serving(model, path, device)  # int8 where its metadata says (CPU only)
+    model.to(device).eval()
     generation_config = model.generation_config
     vocab = model.config.vocab_size
     suppress = _vocab_mask(generation_config.suppress_tokens, vocab, device)

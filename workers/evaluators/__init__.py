@@ -1,0 +1,1 @@
+"""Per-kind evaluations (``workers.evaluation.Evaluation``), named by each kind's ``KindSpec.evaluation``."""
