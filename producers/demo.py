@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from producers.client import Client
+from producers.models import preparing
 from shared.errors import ConveyorError
 from shared.jobs import ClassifyJob, FineTuneJob, JobBase, RecommendJob, TrainJob, TranscribeJob
 from shared.kinds import KINDS
 from shared.kinds.evaluate import EvaluateJob
+from shared.model_store import ModelStore
 from shared.names import TASKS
 from shared.settings import Settings
 
@@ -109,30 +111,49 @@ def demo_types() -> set[str]:
     return {name for name, _ in _steps(Path("/nonexistent"))}
 
 
-def run_demo(client: Client, settings: Settings, timeout: float = 600.0) -> int:
+def run_demo(client: Client, settings: Settings, timeout: float = 600.0, kinds: set[str] | None = None) -> int:
+    """The demo's jobs (of ``kinds`` only, when given). Built-in models it needs and the store
+    lacks are built in the background from the start (producers.models.preparing); a job that
+    needs one waits for it."""
     work = settings.home / "inputs" / "demo"  # under the workers' default input roots
     work.mkdir(parents=True, exist_ok=True)
     print("waiting for workers ...", flush=True)
     client.wait_for_workers(300, ["conveyor.classify"])
     registered = _registered_tasks(client)
-    steps = _steps(work)
+    steps = [(t, build) for t, build in _steps(work) if kinds is None or t in kinds]
+    needed = preparing.missing(ModelStore(settings.models_path), {t for t, _ in steps if TASKS[t] in registered})
+    building = preparing.Preparation(settings, needed) if needed else None
+    if building is not None:
+        print(f"-- building {', '.join(needed)} in the background (conveyor models prepare; log: {building.log_path})")
     failures = 0
-    for job_type, build in steps:
-        if TASKS[job_type] not in registered:
-            print(f"-- {job_type}: skipped (no live worker serves it)")
-            continue
-        job = build()
-        if job is None:
-            print(f"-- {job_type}: skipped (no demo audio: pip install moonshine-voice)")
-            continue
-        print(f"-- {job_type}: job {job.id}")
-        try:
-            result = client.submit(job).result_json(timeout=timeout)
-        except (ConveyorError, TimeoutError) as exc:
-            print(f"   failed: {exc}")
-            failures += 1
-            continue
-        print(json.dumps(_summary(result)))
+    try:
+        for job_type, build in steps:
+            if TASKS[job_type] not in registered:
+                print(f"-- {job_type}: skipped (no live worker serves it)")
+                continue
+            job = build()
+            if job is None:
+                print(f"-- {job_type}: skipped (no demo audio: pip install moonshine-voice)")
+                continue
+            model = getattr(job, "model", None)
+            if building is not None and model in needed:
+                print(f"-- {job_type}: waiting for {model} to be built ...", flush=True)
+                problem = building.wait_for(str(model))
+                if problem is not None:
+                    print(f"   failed: {problem}")
+                    failures += 1
+                    continue
+            print(f"-- {job_type}: job {job.id}")
+            try:
+                result = client.submit(job).result_json(timeout=timeout)
+            except (ConveyorError, TimeoutError) as exc:
+                print(f"   failed: {exc}")
+                failures += 1
+                continue
+            print(json.dumps(_summary(result)))
+    finally:
+        if building is not None:
+            building.close()
     return 1 if failures else 0
 
 
