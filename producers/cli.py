@@ -355,6 +355,10 @@ def up(
             typer.echo(f"logs: one file per process in {log_dir(settings)}")
     except RuntimeError as exc:
         _fail(str(exc))
+    from producers.models.preparing import missing_line
+
+    if (unprepared := missing_line(settings)) is not None:
+        typer.echo(unprepared, err=True)
     if flower_url:
         user, password = flower_login(settings)
         # The password goes to a terminal, never into a log file.
@@ -394,11 +398,18 @@ def worker(ctx: typer.Context, devices: Devices = None) -> None:
 
 
 @app.command()
-def demo(timeout: Timeout = 600.0) -> None:
-    """Run one job of every job type that a live worker serves, and print the results."""
-    from producers.demo import run_demo
+def demo(
+    timeout: Timeout = 600.0,
+    kind: Annotated[list[str] | None, typer.Option(help="Only this job type (repeatable).")] = None,
+) -> None:
+    """Run one job of every job type that a live worker serves, and print the results. Built-in
+    models it needs and the store lacks are built first (`conveyor models prepare`)."""
+    from producers.demo import demo_types, run_demo
 
-    raise typer.Exit(run_demo(_client(), Settings(), timeout))
+    unknown = sorted(set(kind or ()) - demo_types())
+    if unknown:
+        _fail(f"no demo job of type {', '.join(unknown)}; one of {', '.join(sorted(demo_types()))}", 2)
+    raise typer.Exit(run_demo(_client(), Settings(), timeout, set(kind) if kind else None))
 
 
 @app.command()
