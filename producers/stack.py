@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import signal
@@ -24,14 +25,19 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producers.local_redis import LocalRedis, free_port, port_is_free, private_dir, write_private
+from shared.log_format import configure_logging, rotating_file
 from shared.settings import REDIS_URL_FILE, Settings
 from shared.supervisor import Child, ChildSpec, Supervisor, open_private_log
 
 PID_FILE = "up.pid"
 READY_FILE = "up.ready"  # JSON written once everything answers: {"pid": ..., "flower_url": ...}
-LOG_FILE = "up.log"
+LOG_FILE = "up.log"  # a detached `up`'s own console
+LOGS_DIR = "logs"  # one rotating file per process under CONVEYOR_HOME (or CONVEYOR_LOG_DIR)
+# What keeps log files plain text: no tqdm bars, no colours, lines as they are written.
+QUIET_OUTPUT_ENV = {"TQDM_DISABLE": "1", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
 FLOWER_PASSWORD_FILE = "flower.password"
 # Seconds each child gets between SIGTERM and SIGKILL when the stack stops (Ctrl-C, `down`).
 # Workers stop warm (jobs in flight are put back and redelivered); Redis flushes its AOF.
@@ -73,6 +79,10 @@ def flower_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.flower_port}/"
 
 
+def log_dir(settings: Settings) -> Path:
+    return settings.log_dir or settings.home / LOGS_DIR
+
+
 def running_pid(settings: Settings) -> int | None:
     """The pid of the `conveyor up` that runs in this home, if one does."""
     try:
@@ -103,16 +113,22 @@ class Stack:
         if other is not None and other != os.getpid():
             raise RuntimeError(f"conveyor is already up in {home} (pid {other}); `conveyor down` stops it")
         write_private(home / PID_FILE, f"{os.getpid()}\n")
+        self._log_to_files()
         try:
             url = self._start_redis()
-            # The children keep this process's input roots (its current directory among them).
-            env = dict(os.environ, CONVEYOR_REDIS_URL=url, CONVEYOR_INPUT_ROOTS=self.settings.input_roots_env())
+            # The children keep this process's input roots (its current directory among them), and
+            # write their logs under the logs directory (the worker launcher: one file per worker).
+            env = dict(
+                os.environ, **QUIET_OUTPUT_ENV, CONVEYOR_REDIS_URL=url,
+                CONVEYOR_INPUT_ROOTS=self.settings.input_roots_env(), CONVEYOR_LOG_DIR=str(self.logs),
+                CONVEYOR_LOG_FORMAT=self.settings.log_format,
+            )  # fmt: skip
             self.supervisor.start(
                 ChildSpec(
                     "workers",
                     [sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"],
                     # The launcher gives its workers their drain plus a margin: wait for all of it.
-                    env=env, restart=True, stop_timeout=self.settings.drain_timeout_s + 20.0,
+                    env=env, restart=True, stop_timeout=self.settings.drain_timeout_s + 20.0, **self._log("workers"),
                 )  # fmt: skip
             )
             if self.with_flower:
@@ -124,6 +140,26 @@ class Stack:
         ready = {"pid": os.getpid(), "flower_url": self.flower_url, "metrics_url": self.metrics_url}
         write_private(home / READY_FILE, json.dumps(ready))
         return url
+
+    @property
+    def logs(self) -> Path:
+        return log_dir(self.settings)
+
+    def _log(self, name: str) -> dict[str, Any]:
+        """A child's output into its own rotating file (shared/log_format.OutputPump)."""
+        return {
+            "log": self.logs / f"{name}.log", "log_max_bytes": self.settings.log_max_mb * 2**20,
+            "log_backups": self.settings.log_backups, "log_format": self.settings.log_format,
+        }  # fmt: skip
+
+    def _log_to_files(self) -> None:
+        """This process's own records (the supervisor's restarts and stops) into logs/up.log, and
+        to standard error as before."""
+        private_dir(self.logs)
+        configure_logging("up", fmt=self.settings.log_format)
+        handler = rotating_file(self.logs / "up.log", self.settings.log_max_mb * 2**20, self.settings.log_backups)
+        handler.setFormatter(logging.getLogger().handlers[0].formatter)
+        logging.getLogger().addHandler(handler)
 
     def _start_redis(self) -> str:
         if self.settings.redis_url:
@@ -164,7 +200,7 @@ class Stack:
                 ],
                 # Flower reads FLOWER_<OPTION> variables: the login stays out of `ps`.
                 env={**env, "FLOWER_BASIC_AUTH": f"{user}:{password}"},
-                restart=True, stop_timeout=STOP_TIMEOUT_S,
+                restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("flower"),
             )
         )  # fmt: skip
         self.flower_url = f"http://127.0.0.1:{port}/"
@@ -183,7 +219,7 @@ class Stack:
         child = self.supervisor.start(
             ChildSpec(
                 "exporter", [sys.executable, "-m", "producers.exporter", "--port", str(port)],
-                env=env, restart=True, stop_timeout=STOP_TIMEOUT_S,
+                env=env, restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("exporter"),
             )
         )  # fmt: skip
         host = self.settings.metrics_address

@@ -72,6 +72,11 @@ class ChildSpec:
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
     log: Path | None = None  # stdout and stderr appended here (mode 0600); None: inherited
+    # > 0: ``log`` is a rotating file of this many bytes (shared/log_format.OutputPump: a pipe read
+    # by a thread here, ANSI codes and progress redraws removed, JSON lines in the json format).
+    log_max_bytes: int = 0
+    log_backups: int = 3
+    log_format: str | None = None  # text or json; None: CONVEYOR_LOG_FORMAT
     restart: bool = False
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
     umask: int = -1  # e.g. 0o077: files the child creates are private to its owner; -1 inherits
@@ -151,19 +156,35 @@ class Child:
 
 def spawn(spec: ChildSpec) -> Child:
     """Start one child as its spec says (own session, private umask, parent-death signal)."""
-    out = open_private_log(spec.log) if spec.log is not None else None
+    pumped = spec.log is not None and spec.log_max_bytes > 0
+    out = open_private_log(spec.log) if spec.log is not None and not pumped else None
+    read_end, write_end = os.pipe() if pumped else (-1, -1)
     parent = os.getpid()
-    process = subprocess.Popen(
-        list(spec.argv),
-        env=dict(spec.env) if spec.env is not None else None,
-        cwd=spec.cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT if out is not None else None,
-        start_new_session=spec.new_session,
-        umask=spec.umask,
-        preexec_fn=(lambda: _die_with_parent(parent)) if spec.die_with_parent else None,
-    )
+    try:
+        process = subprocess.Popen(
+            list(spec.argv),
+            env=dict(spec.env) if spec.env is not None else None,
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end if pumped else out,
+            stderr=subprocess.STDOUT if pumped or out is not None else None,
+            start_new_session=spec.new_session,
+            umask=spec.umask,
+            preexec_fn=(lambda: _die_with_parent(parent)) if spec.die_with_parent else None,
+        )
+    except BaseException:
+        if pumped:
+            os.close(read_end)
+        raise
+    finally:
+        if pumped:
+            os.close(write_end)  # the child holds it now; EOF when it (and its children) exit
+    if pumped:
+        from shared.log_format import OutputPump, log_format
+
+        assert spec.log is not None
+        fmt = log_format(spec.log_format or (spec.env or os.environ).get("CONVEYOR_LOG_FORMAT"))
+        OutputPump(read_end, spec.log, spec.name, fmt, spec.log_max_bytes, spec.log_backups).start()
     log.debug("started %s (pid %d)", spec.name, process.pid)
     return Child(spec, process, _log_file=out)
 

@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, setup_logging, worker_ready, worker_shutdown
 from celery.worker import control as worker_control
 from celery.worker import state as worker_state
 from kombu import Queue
 
 from shared.celery_config import celery_config
+from shared.log_format import configure_logging, job_event, set_context
 from shared.names import BULK_QUEUES, INFERENCE_QUEUES, TRAINING_QUEUE
 from shared.redis_clients import reuse_redis_clients
 from shared.redis_connect import redis_client
 from shared.settings import Settings
+from shared.wire_text import printable
 from workers.leases import LeaseKeeper
 from workers.runtime import Runtime
 
@@ -57,9 +59,21 @@ class _Process:
         self.ingest_queues: list[str] = []
         self.leases: LeaseKeeper | None = None
         self.metrics: Any = None
+        self.presence: Any = None  # workers.presence.Presence: this worker's entry for `conveyor status`
 
 
 process = _Process()
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    """Celery leaves its logging to us (shared/log_format: text or CONVEYOR_LOG_FORMAT=json)."""
+    configure_logging("worker", loglevel or logging.INFO, settings.log_format)
+
+
+@celeryd_after_setup.connect
+def _log_context(sender: str, **_: Any) -> None:
+    set_context(worker=sender)
 
 
 def runtime() -> Runtime:
@@ -73,6 +87,8 @@ def runtime() -> Runtime:
 def _on_batch(job_type: str, size: int, failed: bool) -> None:
     if process.ingest is not None:
         process.ingest.batch_ran()
+    if process.presence is not None:
+        process.presence.batch(size)
     if process.metrics is not None:
         process.metrics.batch(job_type, size)
         if failed:
@@ -137,6 +153,25 @@ def _start(sender: Any = None, **_: Any) -> None:
         if settings.heartbeat_file is not None:
             threading.Thread(target=_heartbeat, args=(settings.heartbeat_file,), name="heartbeat", daemon=True).start()
     process.leases = LeaseKeeper(client, _held_delivery_tags, settings.visibility_timeout_s).start()
+    _start_presence(hostname)
+
+
+def _start_presence(hostname: str) -> None:
+    """This worker's entry in Redis (device, queues, models, batches/s), read by `conveyor status`."""
+    from workers.presence import Presence
+
+    try:
+        training = process.ingest_queues == [TRAINING_QUEUE]
+        queues = process.ingest_queues or sorted(app.amqp.queues.consume_from)
+        process.presence = Presence(
+            redis_client(settings), hostname, "training" if training else "inference",
+            device=lambda: process.runtime.device if process.runtime is not None else settings.device,
+            queues=[q for q in queues if not q.startswith("conveyor.direct.")],
+            models=lambda: process.runtime.cache.keys() if process.runtime is not None else [],
+            held=lambda: process.ingest.held if process.ingest is not None else len(worker_state.active_requests),
+        ).start()  # fmt: skip
+    except Exception:  # watching is never a reason not to serve
+        log.exception("worker presence is off")
 
 
 def direct_queue(hostname: str) -> str:
@@ -215,6 +250,7 @@ def _start_training_intake(hostname: str) -> None:
         accept=handoff.idle,
         idle_poll_s=max(0.05, settings.idle_poll_ms / 1000.0),
         revoked=worker_state.revoked,
+        on_outcome=_on_outcome,  # a training message refused at intake is logged and counted too
     ).start()
     log.info("training intake serving %s", TRAINING_QUEUE)
 
@@ -285,6 +321,12 @@ def _on_active(entry: Any, running: bool) -> None:
 
 
 def _on_outcome(entry: Any, outcome: Any) -> None:
+    try:
+        _log_outcome(entry, outcome)
+    except Exception:  # a log line must never cost a result
+        log.exception("could not log the outcome of a job")
+    if process.presence is not None and outcome.state:
+        process.presence.job(outcome.state)
     metrics = process.metrics
     if metrics is None:
         return
@@ -293,6 +335,39 @@ def _on_outcome(entry: Any, outcome: Any) -> None:
     if entry is not None and outcome.state:
         queue_s = max(0.0, entry.received - entry.job.submitted_at.timestamp())
         metrics.job(entry.job_type, outcome.state, queue_s, outcome.runtime)
+
+
+def _log_outcome(entry: Any, outcome: Any) -> None:
+    """Every failed, dead-lettered or cancelled job once, with its id and reason (never its payload):
+    the ingest calls ``on_outcome`` once per job that ends here."""
+    if outcome.state not in ("FAILURE", "REVOKED") and outcome.dead_letter is None:
+        return
+    env = outcome.env
+    job_id = printable(env.id) if env.id else None
+    kind = entry.job_type if entry is not None else _kind_of(env.task)
+    exc = outcome.result if isinstance(outcome.result, BaseException) else None
+    error = printable(str(exc), 500) if exc is not None else printable(outcome.dead_letter or "", 500)
+    fields: dict[str, Any] = {
+        "job_id": job_id, "kind": kind, "queue": printable(env.queue) if env.queue else None,
+        "error_type": type(exc).__name__ if exc is not None else "InvalidJob", "error": error,
+        "duration_s": round(outcome.runtime, 6) if outcome.runtime else None,
+        "retries": getattr(env, "retries", None) or None,
+        "reason": printable(outcome.dead_letter, 500) if outcome.dead_letter is not None else None,
+    }  # fmt: skip
+    if outcome.state == "REVOKED":
+        job_event(log, logging.INFO, "job_cancelled", f"job {job_id} cancelled: {error}", **fields)
+    elif outcome.state == "FAILURE":
+        dead = " and dead-lettered" if outcome.dead_letter is not None else ""
+        job_event(log, logging.WARNING, "job_failed", f"job {job_id} failed{dead}: {error}", **fields)
+    else:  # refused at intake; its client (where the id could be read) gets a FAILURE as well
+        job_event(log, logging.WARNING, "job_dead_lettered", f"message {job_id or '(no id)'} dead-lettered: {error}",
+                  **fields)  # fmt: skip
+
+
+def _kind_of(task: str | None) -> str | None:
+    from shared.names import TASKS
+
+    return next((kind for kind, name in TASKS.items() if name == task), None)
 
 
 def _on_retry(entry: Any) -> None:
@@ -310,3 +385,5 @@ def _stop(**_: Any) -> None:
         process.runtime.stop()
     if process.metrics is not None:
         process.metrics.stop()
+    if process.presence is not None:
+        process.presence.stop()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from shared.log_format import configure_logging
 from shared.names import TRAINING_QUEUE, WORKER_INFERENCE_QUEUES
 from shared.settings import Settings
 from shared.supervisor import ChildSpec, Supervisor
@@ -144,6 +145,9 @@ def supervise(
             health=partial(heartbeat_fresh, beat, settings.worker_stall_s) if inference else None,
             # The grace covers start-up and the model's warm-up, before the first heartbeat.
             health_interval_s=min(5.0, settings.worker_stall_s), health_grace_s=max(30.0, 2 * settings.worker_stall_s),
+            # Under `conveyor up` (CONVEYOR_LOG_DIR): one rotating file per worker process.
+            log=settings.log_dir / f"{spec.node}.log" if settings.log_dir else None,
+            log_max_bytes=settings.log_max_mb * 2**20, log_backups=settings.log_backups, log_format=settings.log_format,
         )  # fmt: skip
         supervisor.start(child)
     parent = os.getppid()
@@ -166,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us ends")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
+    configure_logging("workers", logging.INFO, settings.log_format)
     settings.broker_url()  # fail early, with the message that says how to configure Redis
     only = args.only
     specs = plan(parse_devices(args.devices), settings, inference=only != "training", training=only != "inference")
