@@ -196,8 +196,6 @@ def evaluate(
 ) -> TrainingOutcome:
     """The training worker's entry for evaluate jobs (a ``Trainer``: nothing to checkpoint)."""
     version = store.resolve(job.model)  # an alias or @latest is pinned here, for the whole job
-    if version.version is None:
-        raise InvalidJob(f"{version.ref} is not a registered version (metrics are recorded in a version's metadata)")
     spec = evaluation_for(version, job.evaluate_as)
     evaluation = build_evaluation(spec, store, device)
     data = read_data(evaluation, job.data_path, job, "data_path")
@@ -205,7 +203,10 @@ def evaluate(
     predictions = predict_all(evaluation, version, data, ticker)
     metrics = evaluation.metrics(data, predictions)
     record = evaluation_record(spec, data, metrics, job.data_path, job.id)
-    record_evaluation(store, version, record)
+    if version.version is not None:
+        record_evaluation(store, version, record)
+    else:  # a built-in or a plain directory: no conveyor.json of Conveyor's to record it in
+        record["recorded"] = False
     # The evaluated version's own record (its training job's result) must not stand for this
     # job's: the outcome's version carries no RESULT_KEY, so the training path reports ``metrics``.
     shown = ModelVersion(

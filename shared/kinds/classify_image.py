@@ -168,4 +168,6 @@ KIND = KindSpec(
     example={"images": [{"path": "/data/cat.jpg"}], "top_k": 3},
     demo={"images": [{"b64": DEMO_CAT_JPEG_B64}], "top_k": 3},
     order=12,
+    evaluation="workers.evaluators.images:ImageEvaluation",
+    model_kinds=("image-classification",),
 )
