@@ -94,7 +94,7 @@ def minilm(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         chunk = data.rows(start, start + 64)
         predictions["fp32"] += evaluation.predict(fp32_version, chunk)
         predictions["int8"] += evaluation.predict(int8_version, chunk)
-    quality = {
+    quality: dict[str, Any] = {
         "texts": len(texts),
         "agreement": evaluation.agreement(predictions["fp32"], predictions["int8"]),
         "fp32": evaluation.metrics(data, predictions["fp32"]),
