@@ -70,7 +70,13 @@ HISTOGRAM_HELP = {
 }
 TASK_LABELS = ["name", "hostname", "queue_name"]
 TASK_NAMES_KEPT = 10_000  # uuid -> (task name, queue), for events that carry only the uuid
-MAX_EXCEPTION_LABELS = 50  # distinct `exception` label values per exporter; more count as "other"
+# Label values per exporter from events, beyond Conveyor's own task names and queues; more
+# count as "other" (BoundedLabel).
+MAX_EXCEPTION_LABELS = 50
+MAX_NAME_LABELS = 50
+MAX_QUEUE_LABELS = 50
+MAX_HOSTNAME_LABELS = 1000
+MAX_LABEL_CHARS = 200
 # Task name -> the queue Conveyor's registry sends it to (a bulk job's task-sent names its own).
 DEFAULT_QUEUES: dict[str, str] = {TASKS[kind]: QUEUES[kind] for kind in JOB_TYPES}
 _EXCEPTION_CLASS = re.compile(r"^([A-Za-z_][\w.]{0,200})\(")
@@ -174,7 +180,7 @@ class TaskLabels:
         self._lock = threading.Lock()
 
     def of(self, event: dict[str, Any]) -> tuple[str, str]:
-        uuid = str(event.get("uuid", ""))
+        uuid = str(event.get("uuid", ""))[:MAX_LABEL_CHARS]
         name, queue = event.get("name"), event.get("queue")
         with self._lock:
             known = self._by_uuid.get(uuid)
@@ -189,27 +195,37 @@ class TaskLabels:
             return name, queue
 
 
-class ExceptionNames:
-    """The ``exception`` label of ``celery_task_failed_total``: the exception's class name, as
-    celery-exporter gives it (``InvalidJob('...')`` -> ``InvalidJob``), never its message. At
-    most ``MAX_EXCEPTION_LABELS`` distinct names per exporter; later new ones count as
-    ``other``, so a worker raising odd types cannot grow the series without bound."""
+class BoundedLabel:
+    """One label's values from events that any Celery client can send: the ``known`` values
+    (Conveyor's task names, its queues) always, and at most ``limit`` others, each cut to
+    ``MAX_LABEL_CHARS``; later new ones count as ``other``, so odd clients cannot grow the
+    exporter's series without bound."""
 
-    def __init__(self, limit: int = MAX_EXCEPTION_LABELS) -> None:
+    def __init__(self, limit: int, known: Iterable[str] = ()) -> None:
         self.limit = limit
+        self.known = frozenset(known)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
-    def of(self, exception: object) -> str:
-        found = _EXCEPTION_CLASS.match(str(exception or ""))
-        name = found.group(1).rpartition(".")[2] if found else "UnknownException"
+    def of(self, value: object) -> str:
+        text = value if isinstance(value, str) else str(value)
+        if text in self.known:
+            return text
+        text = text[:MAX_LABEL_CHARS]
         with self._lock:
-            if name in self._seen:
-                return name
+            if text in self._seen:
+                return text
             if len(self._seen) >= self.limit:
                 return "other"
-            self._seen.add(name)
-            return name
+            self._seen.add(text)
+            return text
+
+
+def exception_name(exception: object) -> str:
+    """The ``exception`` label, as celery-exporter gives it: the class name of the event's
+    exception repr (``InvalidJob('...')`` -> ``InvalidJob``), never its message."""
+    found = _EXCEPTION_CLASS.match(exception if isinstance(exception, str) else "")
+    return found.group(1).rpartition(".")[2] if found else "UnknownException"
 
 
 class CeleryEvents:
@@ -240,7 +256,10 @@ class CeleryEvents:
             registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
         )  # fmt: skip
         self.tasks = TaskLabels()
-        self.exceptions = ExceptionNames()
+        self.names = BoundedLabel(MAX_NAME_LABELS, DEFAULT_QUEUES)
+        self.queues = BoundedLabel(MAX_QUEUE_LABELS, ALL_QUEUES)
+        self.hostnames = BoundedLabel(MAX_HOSTNAME_LABELS)
+        self.exceptions = BoundedLabel(MAX_EXCEPTION_LABELS)
         self._zeroed: set[tuple[str, str, str]] = set()  # label sets whose counters exist at 0
         # hostname -> (last seen, online, tasks active from its last worker event)
         self._workers: dict[str, tuple[float, bool, int]] = {}
@@ -275,8 +294,9 @@ class CeleryEvents:
                     self._stop.wait(1.0)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type", "")
-        hostname = str(event.get("hostname", "unknown"))
+        # Any Celery client can send events: nothing in one is trusted to have its type or size.
+        kind = str(event.get("type", ""))
+        hostname = self.hostnames.of(event.get("hostname", "unknown"))
         if kind.startswith("worker-"):
             online = kind != "worker-offline"
             # Every worker event carries Celery's count of requests in progress (the ingest's
@@ -292,17 +312,22 @@ class CeleryEvents:
         name, queue = self.tasks.of(event)
         if kind == "task-sent":
             # A producer's Celery node name is gen<pid>@host: one series per process without this.
-            hostname = "generic" if self.generic_sent_hostname else _PRODUCER_NODE.sub("", hostname)
-            counter.labels(name=name, hostname=hostname, queue_name=queue).inc()
+            hostname = "generic" if self.generic_sent_hostname else self.hostnames.of(_PRODUCER_NODE.sub("", hostname))
+        labels = {
+            "name": self.names.of(name),
+            "hostname": hostname,
+            "queue_name": self.queues.of(queue),
+        }
+        if kind == "task-sent":
+            counter.labels(**labels).inc()
             return
-        labels = {"name": name, "hostname": hostname, "queue_name": queue}
         self._zero(labels)
         if kind == "task-failed":
-            counter.labels(**labels, exception=self.exceptions.of(event.get("exception"))).inc()
+            counter.labels(**labels, exception=self.exceptions.of(exception_name(event.get("exception")))).inc()
         else:
             counter.labels(**labels).inc()
         runtime = event.get("runtime")
-        if kind == "task-succeeded" and isinstance(runtime, int | float):
+        if kind == "task-succeeded" and isinstance(runtime, int | float) and 0 <= runtime < math.inf:
             self.runtime.labels(**labels).observe(runtime)
 
     def _zero(self, labels: dict[str, str]) -> None:

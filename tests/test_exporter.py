@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import socket
 import subprocess
@@ -19,15 +20,27 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from conftest import ROOT, WorkerProcess
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from test_metrics import Samples, db_url, exporter_settings, scrape, value
 
 from producers.client import Client
-from producers.exporter import MAX_EXCEPTION_LABELS, Exporter
+from producers.exporter import (
+    DEFAULT_QUEUES,
+    MAX_EXCEPTION_LABELS,
+    MAX_LABEL_CHARS,
+    TASK_EVENTS,
+    BoundedLabel,
+    CeleryEvents,
+    Exporter,
+)
 from producers.local_redis import free_port
 from shared.errors import JobFailed
 from shared.jobs import ClassifyJob, RecommendJob, TrainJob, TranscribeJob
-from shared.names import BULK_QUEUES
+from shared.names import ALL_QUEUES, BULK_QUEUES
 from shared.supervisor import ChildSpec, spawn
 
 
@@ -309,6 +322,47 @@ def test_generic_sent_hostname_and_bounded_exception_labels(redis_url: str, tmp_
     assert len(names) == MAX_EXCEPTION_LABELS + 1 and "other" in names and "Error0" in names
     other = [s.value for s in failed if s.name.endswith("_total") and s.labels["exception"] == "other"]
     assert other == [20.0]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_event_types = st.sampled_from([*TASK_EVENTS, "worker-heartbeat", "worker-online", "worker-offline"]) | st.text(
+    max_size=20
+)
+_hostile_event = st.fixed_dictionaries(
+    {"type": _event_types | _json},
+    optional={key: _json | st.text(max_size=300) for key in
+              ("uuid", "name", "queue", "hostname", "exception", "runtime", "active")},
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(_hostile_event, max_size=40))
+def test_hostile_events_never_raise_and_the_series_stay_bounded(events: list[dict[str, object]]) -> None:
+    """Any Celery client can send events to the broker: whatever their types and sizes, the
+    receiver's handler never raises (which would drop its connection) and every label stays
+    within its bound: Conveyor's own names and queues, then at most a few others, cut short."""
+    registry = CollectorRegistry()
+    receiver = CeleryEvents(Celery("hostile", set_as_current=False), registry)
+    receiver.names, receiver.queues = BoundedLabel(2, DEFAULT_QUEUES), BoundedLabel(2, ALL_QUEUES)
+    receiver.hostnames, receiver.exceptions = BoundedLabel(3), BoundedLabel(2)
+    for event in events:
+        receiver.on_event(event)
+    values: dict[str, set[str]] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            assert math.isfinite(sample.value), sample
+            for label, text in sample.labels.items():
+                assert len(text) <= MAX_LABEL_CHARS
+                values.setdefault(label, set()).add(text)
+    bounds = {"name": set(DEFAULT_QUEUES), "queue_name": set(ALL_QUEUES), "hostname": {"generic"}, "exception": {""}}
+    limits = {"name": 2, "queue_name": 2, "hostname": 3, "exception": 2}
+    for label, seen in values.items():
+        if label in bounds:
+            assert len(seen - bounds[label] - {"other"}) <= limits[label], (label, seen)
 
 
 def test_the_monitoring_modules_import_neither_torch_nor_the_workers() -> None:
