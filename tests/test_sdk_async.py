@@ -9,9 +9,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from conftest import empty_db
 from e2e_helpers import LABELS, TOPICAL
@@ -19,7 +21,9 @@ from pydantic import BaseModel
 
 from producers.client import AsyncClient as ReExported
 from producers.client import Client, JobHandle
+from producers.local_redis import LocalRedis
 from producers.sdk.async_client import AsyncClient, AsyncJobHandle
+from producers.tenancy.users import create_user, user_url
 from shared.celery_config import celery_config
 from shared.errors import InvalidJob, JobFailed
 from shared.jobs import ClassifyJob
@@ -203,3 +207,44 @@ def test_async_client_with_a_real_worker(conveyor_env: dict[str, str], worker: A
         assert labels == [t[1] for t in TOPICAL]
     finally:
         sync.close()
+
+
+def test_a_tenants_sdk_waits_and_exists_within_its_redis_acl(tmp_path: Path) -> None:
+    """A tenant's producer role grants GET and SUBSCRIBE on its own keys and channels, not MGET or
+    EXISTS: wait_all, as_completed, exists and the async client work with that role alone."""
+    local = LocalRedis(tmp_path, record_url=False)
+    server = local.start()
+    admin = redis.Redis.from_url(server)
+    try:
+        acme = user_url(server, "acme", create_user(admin, "acme", "producer", "acme"))
+        writer = backend(server)
+        client = Client(acme, tenant="acme")
+        queued = client.submit(ClassifyJob(texts=["Snow closed the roads."], labels=LABELS))
+        assert queued.id.startswith("acme:") and queued.exists() and not client.exists(f"acme:{uuid.uuid4()}")
+        with pytest.raises(TimeoutError):
+            client.wait_all([queued], timeout=0.3)
+        writer.store_result(queued.id, {"job_id": queued.id, "type": "other", "v": 1}, "SUCCESS")
+        assert [h.id for h in client.as_completed([queued], timeout=5)] == [queued.id]
+
+        async def main() -> None:
+            async with AsyncClient(acme, tenant="acme") as aclient:
+                handle = await aclient.submit(ClassifyJob(texts=["A second one."], labels=LABELS))
+                assert handle.id.startswith("acme:") and await handle.exists()
+                assert not await aclient.exists(f"acme:{uuid.uuid4()}")
+                waiting = asyncio.create_task(aclient.wait_all([handle, aclient.job(queued.id)], timeout=10))
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(
+                    writer.store_result, handle.id, {"job_id": handle.id, "type": "other", "v": 2}, "SUCCESS"
+                )
+                results = await waiting
+                assert [r.model_dump()["v"] for r in results if isinstance(r, BaseModel)] == [2, 1]
+                assert (await aclient.status(handle.id)).state == "SUCCESS"
+
+        asyncio.run(main())
+        client.close()
+        # CLIENT SETINFO, which redis-py sends on connecting and lets fail, is the role's only refusal
+        denied = [e for e in admin.acl_log() if e.get("username") == "acme" and e.get("object") != "client"]
+        assert not denied, denied
+    finally:
+        admin.close()
+        local.stop()
