@@ -110,6 +110,25 @@ def served_labels(samples: Samples) -> dict[str, set[str]]:
     return out
 
 
+def test_the_file_is_a_dashboard_grafana_imports() -> None:
+    """Unique panel ids, every panel on the Prometheus data source picked at import, refIds per
+    target, and a grid that fits Grafana's 24 columns."""
+    board = json.loads(DASHBOARD.read_text())
+    assert board["uid"] == "conveyor" and board["schemaVersion"] >= 36
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    (source,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+    assert source["query"] == "prometheus"
+    for panel in board["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), panel["title"]
+
+
 def test_every_query_names_metrics_and_labels_the_exporter_serves(exporter_after_workload: Samples) -> None:
     served = served_labels(exporter_after_workload)
     records = recorded_names()
