@@ -76,6 +76,6 @@ KIND = KindSpec(
         "input_column": CliOption(flag="--text-column"),
     },
     example={"model": "my-classifier@2", "method": "int8"},
-    demo={"model": "demo-topics@latest", "method": "int8", "latency_seconds": 2.0},
+    demo={"model": "demo-topics@latest", "target_name": "demo-topics-int8", "latency_seconds": 2.0},
     order=20,
 )
