@@ -5,6 +5,7 @@ by Celery's own result backend, or by a real worker running real jobs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -113,6 +114,36 @@ def test_records_published_by_celerys_backend_resolve_waits_at_once(url: str) ->
     assert [r.model_dump() for r in results[:3]] == [{"job_id": i, "v": 0} for i in early]
     assert isinstance(results[-1], JobFailed) and "texts: too short" in results[-1].message
     assert max(latencies) < 0.5, f"pub/sub latency {max(latencies):.3f} s (the re-read is 1 s)"
+
+
+def test_waits_that_come_and_go_on_one_job_leave_the_next_waiter_subscribed(url: str) -> None:
+    """Subscriptions are counted per job: waiters that give up never unsubscribe a job another
+    waiter still waits for (which would then hear only the 1 s re-read, not the message)."""
+    writer = backend(url)
+
+    async def main() -> list[float]:
+        async with AsyncClient(url) as client:
+            latencies = []
+            for _ in range(5):
+                handle = client.job(str(uuid.uuid4()))
+
+                async def churn(h: AsyncJobHandle = handle) -> None:
+                    for n in range(15):
+                        with contextlib.suppress(TimeoutError):
+                            await h.result_json(timeout=0.001 * (n % 7 + 1))
+
+                await asyncio.gather(*(churn() for _ in range(8)), asyncio.sleep(0))
+                waiter = asyncio.create_task(client.job(handle.id).result_json(timeout=5))
+                await asyncio.gather(*(churn() for _ in range(4)))  # others come and go meanwhile
+                await asyncio.sleep(0.1)
+                written = time.monotonic()
+                await asyncio.to_thread(writer.store_result, handle.id, {"job_id": handle.id}, "SUCCESS")
+                await waiter
+                latencies.append(time.monotonic() - written)
+            return latencies
+
+    latencies = asyncio.run(main())
+    assert max(latencies) < 0.5, latencies
 
 
 def test_sync_wait_all_and_as_completed_over_one_subscriber(url: str) -> None:

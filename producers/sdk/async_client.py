@@ -143,6 +143,7 @@ class ResultListener:
                 gone.append(key)
         if gone and self._pubsub is not None:
             async with self._lock:
+                gone = [key for key in gone if key not in self._waiters]  # not waited for again meanwhile
                 with suppress(Exception):  # a dead connection dropped its subscriptions anyway
                     for start in range(0, len(gone), CHUNK):
                         await self._pubsub.unsubscribe(*gone[start : start + CHUNK])
