@@ -298,20 +298,31 @@ def result(
 
 
 @app.command()
-def status(job_id: Annotated[str | None, typer.Argument(help="A job id; none: workers and queues.")] = None) -> None:
-    """A job's state and progress, or the live workers and the depth of each queue."""
-    client = _client()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="A job id; none: workers, queues and jobs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (the default when output is not a terminal).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C, with rates.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    inspect: Annotated[
+        bool, typer.Option("--inspect", help="Also ask the workers over Celery (a broadcast: a second or more).")
+    ] = False,
+) -> None:
+    """A job's state and progress; or, from Redis alone, the workers (device, models, batches/s,
+    heartbeat), the queues (length, oldest job, priorities), dead letters and per kind the jobs,
+    batch sizes and p50/p95 latencies. A view in a terminal, JSON otherwise (producers/status/)."""
     if job_id:
-        st = client.job(job_id).status()
+        st = _client().job(job_id).status()
         _print_json(
             {"id": st.id, "state": st.state, "progress": st.progress.model_dump() if st.progress else None,
              "error": st.error}  # fmt: skip
         )
         return
-    from producers.overview import overview
+    from producers.status.command import run
+    from shared.redis_connect import redis_client
 
-    # The exporter's numbers (queues by priority, oldest job's age, jobs by state, batches).
-    _print_json({"workers": client.workers(), **overview(client.redis)})
+    settings = Settings()  # Redis alone: no Celery app unless --inspect asks for its broadcast
+    run(redis_client(settings), settings, as_json=as_json, watch=watch, interval=interval,
+        inspect=_client().workers if inspect else None)  # fmt: skip
 
 
 @app.command()

@@ -48,6 +48,22 @@ class Histogram:
     def mean(self) -> float | None:
         return self.sum / self.count if self.count else None
 
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile as Prometheus' histogram_quantile estimates it: linear within the bucket
+        that holds it; the highest finite bound when it falls in +Inf. None without observations."""
+        total = self.count
+        if not total:
+            return None
+        rank, lower, below = q * total, 0.0, 0.0
+        for bound, cumulative in self.cumulative():
+            if cumulative >= rank:
+                if math.isinf(bound):
+                    return self.bounds[-1] if self.bounds else None
+                inside = cumulative - below
+                return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+            lower, below = bound, cumulative
+        return None
+
 
 @dataclass
 class JobTotals:

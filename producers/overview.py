@@ -1,4 +1,6 @@
-"""The numbers `conveyor status` prints: the exporter's own (same reads of Redis), for a person."""
+"""The numbers `conveyor status --json` prints, less the workers: queues, dead letters, and per
+job type the jobs by state, batches, mean sizes, times and their p50/p95. Kept for its importers;
+the reading lives in producers/status/snapshot.py (one reading for the view and the JSON)."""
 
 from __future__ import annotations
 
@@ -6,49 +8,10 @@ from typing import Any
 
 import redis
 
-from producers.job_stats import read_totals
-from producers.queue_stats import dead_letter_count, read_queues
-from shared.names import ALL_QUEUES
+from producers.status.snapshot import as_json, read_snapshot
 
 
 def overview(client: redis.Redis) -> dict[str, Any]:
-    """Queues (length, non-empty priorities, oldest job's age), dead letters, and per job type
-    the finished jobs by state, batches, retries and mean sizes and times."""
-    queues = {
-        q.queue: {
-            "length": q.length,
-            "by_priority": {str(p): n for p, n in sorted(q.by_priority.items(), reverse=True) if n},
-            "oldest_age_s": None if q.oldest_age_s is None else round(q.oldest_age_s, 3),
-        }
-        for q in read_queues(client, ALL_QUEUES)
-    }
-    totals = read_totals(client)
-    jobs: dict[str, dict[str, Any]] = {}
-
-    def entry(job_type: str) -> dict[str, Any]:
-        return jobs.setdefault(job_type, {})
-
-    for (job_type, state), n in sorted(totals.jobs.items()):
-        entry(job_type)[state] = _num(n)
-    for name, per_type in totals.histograms.items():
-        for job_type, hist in sorted(per_type.items()):
-            mean = hist.mean()
-            if name == "batch_size":
-                entry(job_type)["batches"] = _num(hist.count)
-                entry(job_type)["mean_batch_size"] = None if mean is None else round(mean, 2)
-            else:
-                entry(job_type)[f"mean_{name.removesuffix('_seconds')}_s"] = None if mean is None else round(mean, 4)
-    for job_type, n in sorted(totals.batch_failures.items()):
-        entry(job_type)["batch_failures"] = _num(n)
-    for job_type, n in sorted(totals.retries.items()):
-        entry(job_type)["retries"] = _num(n)
-    return {
-        "queues": queues,
-        "dead_letter_queue": dead_letter_count(client),
-        "dead_lettered": {q: _num(n) for q, n in sorted(totals.dead_letters.items())},
-        "jobs": jobs,
-    }
-
-
-def _num(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
+    data = as_json(read_snapshot(client))
+    data.pop("workers")
+    return data
