@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
+from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from shared.redis_connect import redis_client
@@ -99,7 +100,10 @@ def check_url(url: str) -> None:
 
 def preflight(settings: Settings | None = None, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
     """PING the configured Redis; raise InfraError naming the problem if it does not answer."""
-    settings = settings or Settings()
+    try:
+        settings = settings or Settings()
+    except ValidationError as exc:
+        raise InfraError(_setting_problem(exc)) from exc
     url = _url(settings)
     check_url(url)
     try:
@@ -123,6 +127,9 @@ def explain(exc: BaseException, url: str | None = None) -> InfraProblem | None:
 
     where = f"Redis at {redact(url)}" if url else "Redis"
     chain = _chain(exc)
+    setting = next((c for c in chain if _is_settings_error(c)), None)
+    if setting is not None:
+        return _setting_problem(setting)
     if any(_is_job_timeout(c) for c in chain):
         return None  # a job that has no result in time: the command's own message
     for cause in chain:
@@ -179,6 +186,23 @@ def explain(exc: BaseException, url: str | None = None) -> InfraProblem | None:
         if isinstance(cause, redis.ResponseError) and low.startswith(("misconf", "oom", "readonly", "noscript")):
             return InfraProblem(f"{where} refused a command ({text})", "check the server's log and its memory")
     return None
+
+
+def _is_settings_error(exc: BaseException) -> bool:
+    return isinstance(exc, ValidationError) and exc.title == Settings.__name__
+
+
+def _setting_problem(exc: Any) -> InfraProblem:
+    """A CONVEYOR_ variable that does not parse: name it (its value only when it is not a secret)."""
+    first = exc.errors()[0]
+    name = "CONVEYOR_" + "_".join(str(p) for p in first.get("loc", ())).upper()
+    secret = any(w in name for w in ("PASSWORD", "URL", "KEY", "TOKEN"))
+    value = "" if secret else f"={str(first.get('input'))[:60]!r}"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return InfraProblem(
+        f"setting {name}{value} is not valid: {first.get('msg', 'invalid')}{more}",
+        "fix or unset that environment variable (the README's settings table lists each one and its limits)",
+    )
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

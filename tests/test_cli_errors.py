@@ -195,3 +195,10 @@ def test_explain_reads_real_client_errors(stopped_url: str) -> None:
     assert explain(KeyError("No such transport: http")) is not None
     assert redact("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
     assert "secret" not in redact("sentinel://:secret@a:26379;sentinel://:secret@b:26379")
+
+
+def test_a_setting_that_does_not_parse(stopped_url: str, tmp_path: Path) -> None:
+    for args in (["status"], ["up", "--devices", "cpu"], ["dlq", "list"]):
+        code, out, took = in_pty(args, env_for(stopped_url, tmp_path, CONVEYOR_MAX_BATCH_SIZE="lots"))
+        assert_two_lines(code, out, "CONVEYOR_MAX_BATCH_SIZE='lots' is not valid", "settings table")
+        assert took < 5.0
