@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from producers.cli_errors import ConveyorGroup
 from producers.dlq_cli import dlq_app
+from producers.gateway.cli import gateway, keys_app
 from producers.models.cli import models_app
 from producers.schema_options import option_values, schema_options
 from producers.score.cli import score_app
@@ -35,6 +36,8 @@ app.add_typer(submit_app, name="submit")
 app.add_typer(models_app, name="models")
 app.add_typer(score_app, name="score")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
+app.command()(gateway)
 app.add_typer(users_app, name="users")
 
 Wait = Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")]
@@ -351,7 +354,7 @@ def up(
     try:
         if detach:
             state = start_detached(settings, devices, flower)
-            flower_url, metrics_url = state.flower_url, state.metrics_url
+            flower_url, metrics_url, gateway_url = state.flower_url, state.metrics_url, state.gateway_url
             typer.echo(
                 f"conveyor is up in the background (pid {state.pid}); its console in {settings.home / LOG_FILE}, "
                 f"one log file per process in {log_dir(settings)}"
@@ -359,7 +362,7 @@ def up(
         else:
             stack = Stack(settings, devices, flower)
             stack.start()
-            flower_url, metrics_url = stack.flower_url, stack.metrics_url
+            flower_url, metrics_url, gateway_url = stack.flower_url, stack.metrics_url, stack.gateway_url
             for note in stack.notes:
                 typer.echo(note, err=True)
             typer.echo("conveyor is up: Redis, workers" + (" and Flower" if flower_url else "") + ". Ctrl-C stops all.")
@@ -377,6 +380,8 @@ def up(
         typer.echo(f"Flower: {flower_url}  login {user} / {shown}", color=False)
     if metrics_url:
         typer.echo(f"Prometheus metrics: {metrics_url}  (Flower's login)", color=False)
+    if gateway_url:
+        typer.echo(f"HTTP gateway: {gateway_url}  (docs at {gateway_url}docs; keys: conveyor keys add NAME --tenant T)")
     sys.stdout.flush()
     if not detach:
         raise typer.Exit(stack.wait())

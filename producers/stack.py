@@ -61,12 +61,13 @@ class UpState:
     pid: int
     flower_url: str | None
     metrics_url: str | None = None
+    gateway_url: str | None = None
 
 
 def read_state(settings: Settings) -> UpState | None:
     try:
         data = json.loads((settings.home / READY_FILE).read_text())
-        return UpState(int(data["pid"]), data.get("flower_url"), data.get("metrics_url"))
+        return UpState(int(data["pid"]), data.get("flower_url"), data.get("metrics_url"), data.get("gateway_url"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -101,6 +102,7 @@ class Stack:
         self.supervisor = Supervisor()
         self.flower_url: str | None = None
         self.metrics_url: str | None = None
+        self.gateway_url: str | None = None
         self.notes: list[str] = []  # what the user should know (a port that moved, an orphan stopped)
 
     def start(self) -> str:
@@ -134,10 +136,14 @@ class Stack:
             if self.with_flower:
                 self._start_flower(env)
             self._start_exporter(env)
+            self._start_gateway(env)
         except BaseException:
             self.stop()
             raise
-        ready = {"pid": os.getpid(), "flower_url": self.flower_url, "metrics_url": self.metrics_url}
+        ready = {
+            "pid": os.getpid(), "flower_url": self.flower_url, "metrics_url": self.metrics_url,
+            "gateway_url": self.gateway_url,
+        }  # fmt: skip
         write_private(home / READY_FILE, json.dumps(ready))
         return url
 
@@ -225,6 +231,25 @@ class Stack:
         host = self.settings.metrics_address
         self.metrics_url = f"http://{host}:{port}/metrics"
         _wait_for_http(self.metrics_url, child, timeout=90.0, what="the metrics exporter")
+
+    def _start_gateway(self, env: dict[str, str]) -> None:
+        """The HTTP gateway (producers/gateway/): jobs over HTTP with API keys (`conveyor keys add`)."""
+        if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+            self.notes.append("fastapi/uvicorn are not installed (pip install 'conveyor[server]'); no HTTP gateway")
+            return
+        port, address = self.settings.gateway_port, self.settings.gateway_address
+        if not port_is_free(port, address):
+            moved = free_port()
+            self.notes.append(f"port {port} is taken; the HTTP gateway listens on {moved} instead")
+            port = moved
+        child = self.supervisor.start(
+            ChildSpec(
+                "gateway", [sys.executable, "-m", "producers.gateway", "--port", str(port), "--address", address],
+                env=env, restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("gateway"),
+            )
+        )  # fmt: skip
+        self.gateway_url = f"http://{address}:{port}/"
+        _wait_for_http(f"{self.gateway_url}healthz", child, timeout=90.0, what="the HTTP gateway")
 
     def wait(self) -> int:
         """Run until Ctrl-C or SIGTERM (a second one stops at once); restart children that die."""
