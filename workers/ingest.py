@@ -747,7 +747,10 @@ class Ingest:
             raise _Refused(f"task {task!r} is not served from queue {env.queue!r}")
         assert env.id is not None
         if (unclaimed := claim_refusal(self.client, env.id, job_data(env.args, env.kwargs))) is not None:
-            raise _Refused(unclaimed)  # a tenant's job its producer did not claim (workers/tenancy.py)
+            # A tenant's job its producer did not claim: dead-lettered, and no result under an id
+            # that is not its sender's (workers/tenancy.py).
+            self.writer.put(Outcome(env, "", InvalidJob(unclaimed), dead_letter=unclaimed))
+            return None
         if env.id in finished:  # redelivered after its result was written: acknowledge, do not run again
             self.writer.put(Outcome(env, ""))
             return None

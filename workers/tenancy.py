@@ -8,6 +8,9 @@ message, so this is what stops tenant A from publishing a job under tenant B's p
 its result, or to overwrite one of B's results): A cannot write B's claim. The digest binds the
 claim to the job, so a claim cannot be reused for another payload under the same id.
 
+A refused job is dead-lettered with the reason and gets no result: its id is not its sender's, and a
+FAILURE written under it would overwrite the tenant's own job (the forger may know its id).
+
 At the same time the job leaves its tenant's queued count (the quota, producers/tenancy/gate.py):
 ZREM, idempotent, so a redelivery cannot count twice. One pipelined round trip per tenant job;
 jobs without a tenant prefix cost nothing.

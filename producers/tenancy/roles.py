@@ -45,7 +45,16 @@ REPLICATED_MARKER: Final = "conveyor:replicated"  # producers SET it before WAIT
 GATEWAY_KEY_PREFIX: Final = "conveyor:gateway:"
 
 # Every client: the handshake redis-py sends, and the database in the URL.
-_CONNECTION = ("hello", "ping", "select", "client|setname", "client|getname", "client|id")
+_CONNECTION = (
+    "hello",
+    "ping",
+    "select",
+    "client|setname",
+    "client|getname",
+    "client|id",
+    "client|setinfo",
+    "client|maint_notifications",
+)
 _TRANSACTIONS = ("multi", "exec", "discard", "watch", "unwatch")
 
 _PRODUCER_COMMANDS = (
@@ -85,6 +94,7 @@ _WORKER_COMMANDS = (
 
 _MONITOR_COMMANDS = (
     *_CONNECTION,
+    "multi", "exec", "discard",  # pipelines in transactions (Flower's queue lengths, kombu's declares)
     "llen", "lindex", "get", "mget", "exists", "hget", "hgetall", "hlen", "hmget", "zcard", "zrange",
     "smembers",
     # Celery's event receiver: a fanout queue bound (SADD/SREM) to the events exchange, kombu's
@@ -109,7 +119,7 @@ class Rules:
             "resetkeys",
             "resetchannels",
             "-@all",
-            *(f"+{c}" for c in self.commands),
+            *(c if c[0] in "+-" else f"+{c}" for c in self.commands),
             *(f"~{k}" for k in self.keys),
             *(f"&{c}" for c in self.channels),
             *self.selectors,
@@ -146,7 +156,7 @@ def worker_rules(db: int = 0) -> Rules:
         "conveyor.*",  # every queue's lists, the workers' direct queues
         "unacked", "unacked_index", "unacked_mutex", "unacked:*",  # kombu's delivery bookkeeping
         "_kombu.binding*",
-        "*.reply.celery.pidbox*",  # replies to control commands (celery inspect)
+        "*.celery.pidbox*",  # each worker's control queue, and replies to control commands (celery inspect)
         f"{RESULT_PREFIX}*",
         f"{CANCEL_KEY_PREFIX}*", "conveyor:deliveries:*", "conveyor:dlq", "conveyor:dlq:*",
         "conveyor:metrics:*", "conveyor:workers", "conveyor:wake-probe:*",
@@ -167,13 +177,14 @@ def monitor_rules(db: int = 0) -> Rules:
         "conveyor:dlq", "conveyor:metrics:*", "conveyor:workers",
         f"{RESULT_PREFIX}*",  # Flower's task pages and result API
         "_kombu.binding*",  # the event receiver's fanout binding
+        "celeryev.*",  # ... and its own queue's lists (declared empty, never filled: events come by PUBLISH)
         "unacked_index",  # read by kombu's consumer (never restored from here: see monitor_process)
     )  # fmt: skip
     return Rules(_MONITOR_COMMANDS, keys, (f"/{db}.celeryev/*",))
 
 
 def admin_rules() -> Rules:
-    return Rules(("@all", "-@dangerous", "info", "client|list"), ("*",), ("*",))
+    return Rules(("@all", "-@dangerous", "+info", "+client|list"), ("*",), ("*",))
 
 
 def gateway_rules(db: int = 0) -> Rules:
