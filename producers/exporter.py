@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hmac
 import logging
 import math
@@ -220,6 +221,10 @@ class BoundedLabel:
             self._seen.add(text)
             return text
 
+    def forget(self, value: str) -> None:
+        with self._lock:
+            self._seen.discard(value)
+
 
 def exception_name(exception: object) -> str:
     """The ``exception`` label, as celery-exporter gives it: the class name of the event's
@@ -260,7 +265,8 @@ class CeleryEvents:
         self.queues = BoundedLabel(MAX_QUEUE_LABELS, ALL_QUEUES)
         self.hostnames = BoundedLabel(MAX_HOSTNAME_LABELS)
         self.exceptions = BoundedLabel(MAX_EXCEPTION_LABELS)
-        self._zeroed: set[tuple[str, str, str]] = set()  # label sets whose counters exist at 0
+        # worker hostname -> its (name, queue, exception or None) label sets
+        self._series: dict[str, set[tuple[str, str, str | None]]] = {}
         # hostname -> (last seen, online, tasks active from its last worker event)
         self._workers: dict[str, tuple[float, bool, int]] = {}
         self._lock = threading.Lock()
@@ -296,15 +302,9 @@ class CeleryEvents:
     def on_event(self, event: dict[str, Any]) -> None:
         # Any Celery client can send events: nothing in one is trusted to have its type or size.
         kind = str(event.get("type", ""))
-        hostname = self.hostnames.of(event.get("hostname", "unknown"))
+        node = str(event.get("hostname", "unknown"))[:MAX_LABEL_CHARS]
         if kind.startswith("worker-"):
-            online = kind != "worker-offline"
-            # Every worker event carries Celery's count of requests in progress (the ingest's
-            # running jobs are among them, see workers/app.py).
-            active = event.get("active")
-            active_n = int(active) if online and isinstance(active, int) and active >= 0 else 0
-            with self._lock:
-                self._workers[hostname] = (time.monotonic(), online, active_n)
+            self._worker_event(kind, node, event.get("active"))
             return
         counter = self.counters.get(kind)
         if counter is None:
@@ -312,38 +312,71 @@ class CeleryEvents:
         name, queue = self.tasks.of(event)
         if kind == "task-sent":
             # A producer's Celery node name is gen<pid>@host: one series per process without this.
-            hostname = "generic" if self.generic_sent_hostname else self.hostnames.of(_PRODUCER_NODE.sub("", hostname))
-        labels = {
-            "name": self.names.of(name),
-            "hostname": hostname,
-            "queue_name": self.queues.of(queue),
-        }
+            node = "generic" if self.generic_sent_hostname else _PRODUCER_NODE.sub("", node)
+        labels = {"name": self.names.of(name), "hostname": self.hostnames.of(node), "queue_name": self.queues.of(queue)}
         if kind == "task-sent":
             counter.labels(**labels).inc()
             return
         self._zero(labels)
         if kind == "task-failed":
-            counter.labels(**labels, exception=self.exceptions.of(exception_name(event.get("exception")))).inc()
+            exception = self.exceptions.of(exception_name(event.get("exception")))
+            self._remember(labels, exception)
+            counter.labels(**labels, exception=exception).inc()
         else:
             counter.labels(**labels).inc()
         runtime = event.get("runtime")
         if kind == "task-succeeded" and isinstance(runtime, int | float) and 0 <= runtime < math.inf:
             self.runtime.labels(**labels).observe(runtime)
 
+    def _worker_event(self, kind: str, hostname: str, active: object) -> None:
+        online = kind != "worker-offline"
+        # Every worker event carries Celery's count of requests in progress (the ingest's
+        # running jobs are among them, see workers/app.py).
+        running = int(active) if online and isinstance(active, int) and active >= 0 else 0
+        with self._lock:
+            if hostname in self._workers or len(self._workers) < MAX_HOSTNAME_LABELS:
+                self._workers[hostname] = (time.monotonic(), online, running)
+
     def _zero(self, labels: dict[str, str]) -> None:
         """Make a worker's task counters exist at 0 from its first event for that task, as
         celery-exporter does, so rates and ratios have a series to work on (not task-sent: its
         hostnames are the producers')."""
-        key = (labels["name"], labels["hostname"], labels["queue_name"])
-        with self._lock:
-            if key in self._zeroed:
-                return
-            self._zeroed.add(key)
+        if not self._remember(labels, None):
+            return
         for kind, counter in self.counters.items():
             if kind == "task-failed":
                 counter.labels(**labels, exception="")
             elif kind != "task-sent":
                 counter.labels(**labels)
+
+    def _remember(self, labels: dict[str, str], exception: str | None) -> bool:
+        """Note a worker's label set (to drop its series when the worker is forgotten); True if new."""
+        key = (labels["name"], labels["queue_name"], exception)
+        with self._lock:
+            mine = self._series.setdefault(labels["hostname"], set())
+            if key in mine:
+                return False
+            mine.add(key)
+            return True
+
+    def _forget(self, hostname: str) -> None:
+        """Drop a long-gone worker's task series and free its hostname's place (as
+        celery-exporter purges offline workers), so a fleet that renames its workers (pods)
+        does not fill the exporter."""
+        for name, queue, exception in self._series.pop(hostname, ()):
+            # (name, queue, None) stands for the set _zero made: every counter, failures with exception "".
+            failed = (name, hostname, queue, exception or "")
+            with contextlib.suppress(KeyError):
+                self.counters["task-failed"].remove(*failed)
+            if exception is not None:
+                continue
+            for kind, counter in self.counters.items():
+                if kind not in ("task-sent", "task-failed"):
+                    with contextlib.suppress(KeyError):
+                        counter.remove(name, hostname, queue)
+            with contextlib.suppress(KeyError):
+                self.runtime.remove(name, hostname, queue)
+        self.hostnames.forget(hostname)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("celery_worker_up", "1 if the worker sent a heartbeat recently.", labels=["hostname"])
@@ -356,6 +389,7 @@ class CeleryEvents:
                 alive = online and now - seen <= self.worker_timeout_s
                 if not alive and now - seen > self.worker_timeout_s + self.forget_worker_s:
                     del self._workers[hostname]
+                    self._forget(hostname)
                     continue
                 up.add_metric([hostname], 1 if alive else 0)
                 active.add_metric([hostname], running if alive else 0)

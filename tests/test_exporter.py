@@ -324,6 +324,37 @@ def test_generic_sent_hostname_and_bounded_exception_labels(redis_url: str, tmp_
     assert other == [20.0]
 
 
+def _series_of(registry: CollectorRegistry, hostname: str) -> list[str]:
+    return [s.name for family in registry.collect() for s in family.samples if s.labels.get("hostname") == hostname]
+
+
+def test_a_forgotten_worker_frees_its_series_and_producers_take_one_hostname() -> None:
+    """A worker gone for CONVEYOR_METRICS_FORGET_WORKER_S loses its task series and its place
+    among the bounded hostnames (a fleet of renamed pods does not end in "other"), and a
+    hundred CLI calls' gen<pid>@desk node names take one place, "desk"."""
+    registry = CollectorRegistry()
+    receiver = CeleryEvents(Celery("forget", set_as_current=False), registry, worker_timeout_s=0.05,
+                            forget_worker_s=0.05)  # fmt: skip
+    registry.register(receiver)
+    receiver.hostnames = BoundedLabel(2)
+    for pid in range(100):
+        receiver.on_event(
+            {"type": "task-sent", "uuid": f"s{pid}", "name": "conveyor.ner", "hostname": f"gen{pid}@desk"}
+        )
+    receiver.on_event({"type": "worker-heartbeat", "hostname": "cpu@old", "active": 1})
+    receiver.on_event({"type": "task-received", "uuid": "a", "name": "conveyor.ner", "hostname": "cpu@old"})
+    receiver.on_event({"type": "task-failed", "uuid": "a", "hostname": "cpu@old", "exception": "InvalidJob('x')"})
+    assert "celery_task_failed_total" in _series_of(registry, "cpu@old")
+    assert "celery_worker_up" in _series_of(registry, "cpu@old")
+    assert _series_of(registry, "desk") == ["celery_task_sent_total", "celery_task_sent_created"]
+    time.sleep(0.2)
+    list(registry.collect())  # a scrape: cpu@old is past its timeout and its forget time
+    assert _series_of(registry, "cpu@old") == []
+    receiver.on_event({"type": "task-received", "uuid": "b", "name": "conveyor.ner", "hostname": "cpu@new"})
+    assert "celery_task_received_total" in _series_of(registry, "cpu@new")
+    assert _series_of(registry, "other") == []
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
