@@ -8,14 +8,17 @@ Two sources, read at each scrape or as they come:
   (workers/metrics.py) add up in Redis: jobs by state, batch sizes, queue wait and run time,
   whole-batch failures, retries, dead-lettered jobs. These are cluster-wide numbers: every
   exporter reads the same ones, so with several exporters aggregate with ``max``, not ``sum``.
-- Celery events, as they come (as celery-exporter does): ``celery_worker_up`` from heartbeats,
-  ``celery_task_*_total`` and ``celery_task_runtime`` from task events. Workers may send only
-  some task events (or none), so job counts by state come from Redis, not from these. Counters
-  start at zero when the exporter starts, which Prometheus' ``rate`` and ``increase`` expect.
+- Celery events, as they come (as celery-exporter does): ``celery_worker_up`` and
+  ``celery_worker_tasks_active`` from heartbeats, ``celery_task_*_total`` and
+  ``celery_task_runtime`` from task events. Workers may send only some task events (or none), so
+  job counts by state come from Redis, not from these. Counters start at zero when the exporter
+  starts, which Prometheus' ``rate`` and ``increase`` expect. Any Celery client can send events,
+  so every label taken from one is bounded (``BoundedLabel``).
 
-Names follow celery-exporter where it has one (``celery_queue_length{queue_name}``,
-``celery_worker_up{hostname}``, ``celery_task_sent_total{name,hostname}``, ...), so its Grafana
-boards work. The endpoint asks for Flower's login (basic auth) unless CONVEYOR_METRICS_AUTH is
+Names and labels follow celery-exporter where it has them (``celery_queue_length{queue_name}``,
+``celery_worker_up{hostname}``, ``celery_task_sent_total{name,hostname,queue_name}``,
+``celery_task_failed_total{...,exception}``), so its Grafana boards work beside Conveyor's own
+(scripts/grafana/conveyor.json). The endpoint asks for Flower's login (basic auth) unless CONVEYOR_METRICS_AUTH is
 false, and listens on 127.0.0.1 unless CONVEYOR_METRICS_ADDRESS says otherwise.
 """
 
