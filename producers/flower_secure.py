@@ -32,10 +32,9 @@ from typing import Any
 
 import tornado.web
 
+from producers.tenancy.monitor_process import READ_ONLY_USERS_ENV, WATCH_ONLY_ENV
 from producers.tenancy.monitor_process import watch_only as watch_only_transport
 
-READ_ONLY_USERS_ENV = "CONVEYOR_FLOWER_READ_ONLY_USERS"
-WATCH_ONLY_ENV = "CONVEYOR_FLOWER_WATCH_ONLY"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

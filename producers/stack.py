@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from producers.local_redis import LocalRedis, free_port, port_is_free, private_dir, write_private
+from producers.tenancy.monitor_process import READ_ONLY_USERS_ENV, WATCH_ONLY_ENV
 from shared.log_format import configure_logging, rotating_file
 from shared.settings import REDIS_URL_FILE, Settings
 from shared.supervisor import Child, ChildSpec, Supervisor, open_private_log
@@ -39,9 +40,19 @@ LOGS_DIR = "logs"  # one rotating file per process under CONVEYOR_HOME (or CONVE
 # What keeps log files plain text: no tqdm bars, no colours, lines as they are written.
 QUIET_OUTPUT_ENV = {"TQDM_DISABLE": "1", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
 FLOWER_PASSWORD_FILE = "flower.password"
+FLOWER_MONITOR_PASSWORD_FILE = "flower-monitor.password"
 # Seconds each child gets between SIGTERM and SIGKILL when the stack stops (Ctrl-C, `down`).
 # Workers stop warm (jobs in flight are put back and redelivered); Redis flushes its AOF.
 STOP_TIMEOUT_S = 8.0
+
+
+def flower_monitor_login(settings: Settings) -> tuple[str, str]:
+    """Flower's read-only login: CONVEYOR_FLOWER_MONITOR_USER, its password generated once (0600)."""
+    path = settings.home / FLOWER_MONITOR_PASSWORD_FILE
+    if not path.exists():
+        private_dir(settings.home)
+        write_private(path, secrets.token_urlsafe(12))
+    return settings.flower_monitor_user, path.read_text().strip()
 
 
 def flower_login(settings: Settings) -> tuple[str, str]:
@@ -103,6 +114,7 @@ class Stack:
         self.flower_url: str | None = None
         self.metrics_url: str | None = None
         self.gateway_url: str | None = None
+        self.role_urls: dict[str, str] = {}  # role -> its Redis URL (the embedded Redis's stack users)
         self.notes: list[str] = []  # what the user should know (a port that moved, an orphan stopped)
 
     def start(self) -> str:
@@ -118,6 +130,7 @@ class Stack:
         self._log_to_files()
         try:
             url = self._start_redis()
+            self.role_urls = self._make_users(url)  # each child gets only its own role's login
             # The children keep this process's input roots (its current directory among them), and
             # write their logs under the logs directory (the worker launcher: one file per worker).
             env = dict(
@@ -130,7 +143,8 @@ class Stack:
                     "workers",
                     [sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"],
                     # The launcher gives its workers their drain plus a margin: wait for all of it.
-                    env=env, restart=True, stop_timeout=self.settings.drain_timeout_s + 20.0, **self._log("workers"),
+                    env=self._as(env, "worker"), restart=True, stop_timeout=self.settings.drain_timeout_s + 20.0,
+                    **self._log("workers"),
                 )  # fmt: skip
             )
             if self.with_flower:
@@ -181,6 +195,35 @@ class Stack:
         self.supervisor.on_restart = self._on_restart
         return self.redis.url
 
+    def _make_users(self, url: str) -> dict[str, str]:
+        """On the embedded Redis: a least-privilege user per role (producers/tenancy/roles.py); the
+        recorded URL, which the CLI reads, becomes the admin user's. role -> URL; {} elsewhere."""
+        if self.redis is None or not self.settings.redis_acl:
+            return {}
+        from producers.tenancy.users import stack_users
+        from shared.redis_connect import redis_client
+
+        superuser = redis_client(self.settings, url, socket_timeout=10)
+        try:
+            urls = stack_users(superuser, self.settings.home, url)
+        finally:
+            superuser.close()
+        write_private(self.settings.home / REDIS_URL_FILE, urls["admin"] + "\n")
+        return urls
+
+    def _as(self, env: dict[str, str], role: str) -> dict[str, str]:
+        """``env`` with the Redis login of ``role`` (unchanged without stack users)."""
+        url = self.role_urls.get(role)
+        return {**env, "CONVEYOR_REDIS_URL": url} if url else env
+
+    def _flower_env(self, env: dict[str, str]) -> dict[str, str]:
+        """Flower's Redis login and logins: the monitor role, watching only, unless CONVEYOR_FLOWER_CONTROL;
+        its monitor login is read-only either way (producers/flower_secure.py)."""
+        read_only = {READ_ONLY_USERS_ENV: self.settings.flower_monitor_user}
+        if self.settings.flower_control:
+            return {**self._as(env, "admin"), **read_only}
+        return {**self._as(env, "monitor"), **read_only, WATCH_ONLY_ENV: "1"}
+
     def _on_restart(self, child: Child) -> None:
         if self.redis is not None and child.spec.name == "redis-server":
             self.redis.child = child  # same config: same port, password and AOF
@@ -196,6 +239,7 @@ class Stack:
             self.notes.append(f"port {port} is taken; Flower listens on {moved} instead")
             port = moved
         user, password = flower_login(self.settings)
+        monitor_user, monitor_pw = flower_monitor_login(self.settings)
         child = self.supervisor.start(
             ChildSpec(
                 "flower",
@@ -204,8 +248,8 @@ class Stack:
                     sys.executable, "-m", "producers.flower_secure", "-A", "producers.flower_app", "flower",
                     "--address=127.0.0.1", f"--port={port}", "--persistent=False", "--logging=warning",
                 ],
-                # Flower reads FLOWER_<OPTION> variables: the login stays out of `ps`.
-                env={**env, "FLOWER_BASIC_AUTH": f"{user}:{password}"},
+                # Flower reads FLOWER_<OPTION> variables: the logins stay out of `ps`.
+                env={**self._flower_env(env), "FLOWER_BASIC_AUTH": f"{user}:{password},{monitor_user}:{monitor_pw}"},
                 restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("flower"),
             )
         )  # fmt: skip
@@ -224,8 +268,9 @@ class Stack:
             port = moved
         child = self.supervisor.start(
             ChildSpec(
-                "exporter", [sys.executable, "-m", "producers.exporter", "--port", str(port)],
-                env=env, restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("exporter"),
+                "exporter",  # under the monitor role: it only watches (producers.tenancy.monitor_process)
+                [sys.executable, "-m", "producers.tenancy.monitor_process", "producers.exporter", "--port", str(port)],
+                env=self._as(env, "monitor"), restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("exporter"),
             )
         )  # fmt: skip
         host = self.settings.metrics_address
@@ -245,7 +290,7 @@ class Stack:
         child = self.supervisor.start(
             ChildSpec(
                 "gateway", [sys.executable, "-m", "producers.gateway", "--port", str(port), "--address", address],
-                env=env, restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("gateway"),
+                env=self._as(env, "gateway"), restart=True, stop_timeout=STOP_TIMEOUT_S, **self._log("gateway"),
             )
         )  # fmt: skip
         self.gateway_url = f"http://{address}:{port}/"

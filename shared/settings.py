@@ -190,6 +190,23 @@ class Settings(BaseSettings):
     flower_password: str | None = Field(
         default=None, description="Flower's basic-auth password. Unset: generated once, kept in CONVEYOR_HOME."
     )
+    flower_monitor_user: str = Field(
+        default="monitor",
+        description="Flower's read-only login (GET pages and API only); its password is generated once and kept in "
+        "CONVEYOR_HOME/flower-monitor.password.",
+    )
+    flower_control: bool = Field(
+        default=False,
+        description="`conveyor up` runs Flower with the admin Redis user, so its admin login may revoke jobs, "
+        "change pools and send tasks. false: Flower runs with the read-only monitor user and sends no control "
+        "commands.",
+    )
+    redis_acl: bool = Field(
+        default=True,
+        description="`conveyor up` creates a least-privilege Redis user per process kind on its embedded Redis "
+        "(worker, monitor, admin, gateway) and gives each process only its own. false: every process logs in as "
+        "the server's superuser.",
+    )
     metrics_port: int = Field(
         default=9809,
         ge=1,

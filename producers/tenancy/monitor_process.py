@@ -21,6 +21,9 @@ import sys
 from typing import Any
 
 EVENT_QUEUE_PREFIX = "celeryev."
+# producers/flower_secure.py's switches, set by `conveyor up` (producers/stack.py)
+READ_ONLY_USERS_ENV = "CONVEYOR_FLOWER_READ_ONLY_USERS"  # logins (commas) refused all but GET and HEAD
+WATCH_ONLY_ENV = "CONVEYOR_FLOWER_WATCH_ONLY"  # "1": Flower sends no worker control commands
 
 
 def _nothing(self: Any, *args: Any, **kwargs: Any) -> None:
