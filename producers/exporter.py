@@ -190,8 +190,10 @@ class TaskLabels:
             known = self._by_uuid.get(uuid)
             if not name and known is not None:
                 return known
-            name = str(name or "unknown")
-            queue = str(queue) if queue else (known[1] if known else DEFAULT_QUEUES.get(name, "unknown"))
+            name = str(name or "unknown")[:MAX_LABEL_CHARS]
+            queue = (
+                str(queue)[:MAX_LABEL_CHARS] if queue else (known[1] if known else DEFAULT_QUEUES.get(name, "unknown"))
+            )
             self._by_uuid[uuid] = (name, queue)
             self._by_uuid.move_to_end(uuid)
             if len(self._by_uuid) > self.kept:
