@@ -138,13 +138,13 @@ class Stack:
                 CONVEYOR_INPUT_ROOTS=self.settings.input_roots_env(), CONVEYOR_LOG_DIR=str(self.logs),
                 CONVEYOR_LOG_FORMAT=self.settings.log_format,
             )  # fmt: skip
+            worker_env, drain = self._as(env, "worker"), self.settings.drain_timeout_s
             self.supervisor.start(
                 ChildSpec(
                     "workers",
                     [sys.executable, "-m", "workers.launch", "--devices", self.devices, "--exit-with-parent"],
                     # The launcher gives its workers their drain plus a margin: wait for all of it.
-                    env=self._as(env, "worker"), restart=True, stop_timeout=self.settings.drain_timeout_s + 20.0,
-                    **self._log("workers"),
+                    env=worker_env, restart=True, stop_timeout=drain + 20.0, **self._log("workers"),
                 )  # fmt: skip
             )
             if self.with_flower:
