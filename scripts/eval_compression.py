@@ -72,9 +72,10 @@ def minilm(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from shared.kinds.compress import CompressJob
     from shared.model_store import ModelStore
     from workers.compression import compress
-    from workers.evaluators.text import ClassifyEvaluation
+    from workers.evaluators.text import LABEL_TEMPLATE, ClassifyEvaluation
     from workers.model_cache import ModelCache
     from workers.quantization import module_bytes
+    from workers.runners.classify import ClassifyItem
 
     fp32_store = ModelStore(work / "fp32-store")  # the built-in only
     int8_store = ModelStore(work / "int8-store")
@@ -89,20 +90,38 @@ def minilm(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     data = Labelled(texts, truth, "", ("text", "label"), tuple(sorted(ZERO_SHOT.values())))
     evaluation = ClassifyEvaluation(fp32_store, ModelCache(8 << 30), "cpu")
     predictions: dict[str, list[str]] = {"fp32": [], "int8": []}
+    margins: list[float] = []  # fp32's similarity gap between the two labels: how close each call is
     started = time.perf_counter()
     for start in range(0, len(data), 64):  # alternating chunks: both see the same machine
         chunk = data.rows(start, start + 64)
-        predictions["fp32"] += evaluation.predict(fp32_version, chunk)
-        predictions["int8"] += evaluation.predict(int8_version, chunk)
+        for label, version in (("fp32", fp32_version), ("int8", int8_version)):
+            runner = evaluation._runner(version)
+            items = [ClassifyItem(t, data.classes, None, None, LABEL_TEMPLATE) for t in chunk.inputs]
+            for ranked in runner.run_batch(runner.encode(items)):
+                assert not isinstance(ranked, BaseException)
+                predictions[label].append(ranked["labels"][0]["label"])
+                if label == "fp32":
+                    margins.append(ranked["labels"][0]["similarity"] - ranked["labels"][1]["similarity"])
     quality: dict[str, Any] = {
         "texts": len(texts),
         "agreement": evaluation.agreement(predictions["fp32"], predictions["int8"]),
         "fp32": evaluation.metrics(data, predictions["fp32"]),
         "int8": evaluation.metrics(data, predictions["int8"]),
         "seconds": round(time.perf_counter() - started, 1),
+        "fp32_margin_quantiles": {q: round(statistics.quantiles(margins, n=100)[q - 1], 4) for q in (5, 10, 25, 50)},
+        "agreement_by_fp32_margin": {},
     }
+    for floor in (0.0, 0.01, 0.02, 0.05, 0.1):
+        kept = [i for i, m in enumerate(margins) if m >= floor]
+        same = sum(predictions["fp32"][i] == predictions["int8"][i] for i in kept)
+        quality["agreement_by_fp32_margin"][f">={floor}"] = {
+            "texts": len(kept),
+            "agreement": round(same / len(kept), 4),
+        }
     print(f"minilm zero-shot on {len(texts)} SMS texts: agreement {quality['agreement']:.4f}; accuracy fp32"
           f" {quality['fp32']['accuracy']:.4f}, int8 {quality['int8']['accuracy']:.4f}", flush=True)  # fmt: skip
+    print(f"  fp32 margin quantiles {quality['fp32_margin_quantiles']};"
+          f" agreement by margin {json.dumps(quality['agreement_by_fp32_margin'])}", flush=True)  # fmt: skip
 
     # In-process texts/s: each batch size, fp32 and int8 calls interleaved, --rounds medians.
     in_process: dict[str, dict[str, float]] = {}
