@@ -58,8 +58,12 @@ class JobHandle:
 
     def status(self) -> JobStatus:
         """PENDING both for a queued job and for an id nobody submitted (Celery keeps no record
-        of either): ``exists()`` tells them apart."""
-        return outcomes.status_of(self.id, self._async.state, self._async.info)
+        of either): ``exists()`` tells them apart. One GET; a record that does not decode reads
+        as a FAILURE (BadResult), never an exception here."""
+        raw = self.client.redis.get(self.client.app.backend.get_key_for_task(self.id))
+        return outcomes.status_from_meta(
+            self.id, None if raw is None else outcomes.decode(self.client.app.backend, raw)
+        )
 
     def exists(self) -> bool:
         return self.client.exists(self.id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import threading
 import time
 import uuid
@@ -18,6 +20,8 @@ import redis
 from celery import Celery
 from conftest import empty_db
 from e2e_helpers import LABELS, TOPICAL
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from producers.client import AsyncClient as ReExported
@@ -279,3 +283,65 @@ def test_a_tenants_sdk_waits_and_exists_within_its_redis_acl(tmp_path: Path) -> 
     finally:
         admin.close()
         local.stop()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+_exception = st.fixed_dictionaries(
+    {"exc_type": st.text(max_size=12) | st.sampled_from(["InvalidJob", "system", "ValueError"]),
+     "exc_message": _json, "exc_module": st.sampled_from(["builtins", "os", "shared.errors", "no.such", ""])}
+)  # fmt: skip
+_record = st.fixed_dictionaries(
+    {"status": st.sampled_from(["SUCCESS", "FAILURE", "REVOKED", "PROGRESS", "STARTED", "RETRY"]) | _json,
+     "result": _json | _exception},
+    optional={"type": st.sampled_from(["classify", "transcribe", "train"]) | _json, "task_id": _json},
+).map(lambda r: json.dumps(r).encode())  # fmt: skip
+HOSTILE_RECORDS = st.binary(max_size=64) | _record | _json.map(lambda v: json.dumps(v).encode())
+
+
+@settings(max_examples=int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "30")), deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+@given(records=st.lists(HOSTILE_RECORDS, min_size=1, max_size=4))
+def test_hostile_result_records_end_waits_visibly_and_never_break_the_listener(url: str, records: list[bytes]) -> None:
+    """Whatever someone writes and publishes as a result record, waits end with a result, a
+    JobFailed or a TimeoutError, status() answers, and the listener still serves the next job."""
+    r = redis.Redis.from_url(url)
+    sync = Client(url)
+    keys = [f"celery-task-meta-{uuid.uuid4()}" for _ in records]
+    ids = [k.removeprefix("celery-task-meta-") for k in keys]
+
+    async def main() -> None:
+        async with AsyncClient(url) as client:
+            handles = [client.job(i) for i in ids]
+            waiting = asyncio.create_task(client.wait_all(handles, timeout=0.3, return_exceptions=True))
+            await asyncio.sleep(0.05)
+            for key, raw in zip(keys, records):
+                r.set(key, raw, ex=60)
+                r.publish(key, raw)
+            try:
+                results = await waiting
+                assert all(isinstance(o, BaseModel | JobFailed) for o in results), results
+            except TimeoutError:
+                pass
+            for i in ids:
+                await client.status(i)
+            good = str(uuid.uuid4())
+            later = asyncio.create_task(client.job(good).result_json(timeout=2))
+            await asyncio.sleep(0.05)
+            r.publish(f"celery-task-meta-{good}", json.dumps({"status": "SUCCESS", "result": {"ok": 1}}))
+            assert await later == {"ok": 1}  # by pub/sub: nothing was SET
+
+    try:
+        asyncio.run(main())
+        try:
+            outcomes = sync.wait_all([sync.job(i) for i in ids], timeout=0.2, return_exceptions=True)
+            assert all(isinstance(o, BaseModel | JobFailed) for o in outcomes), outcomes
+        except TimeoutError:
+            pass
+        assert all(sync.job(i).status().state for i in ids)
+    finally:
+        sync.close()
+        r.close()

@@ -10,6 +10,7 @@ an id nobody submitted: both read PENDING. ``exists()`` tells them apart (see
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +57,15 @@ def decode(backend: Any, raw: bytes | str) -> Meta:
 
 
 def is_ready(meta: Meta | None) -> bool:
-    return meta is not None and meta.get("status") in states.READY_STATES
+    status = None if meta is None else meta.get("status")
+    return isinstance(status, str) and status in states.READY_STATES
 
 
 def status_of(job_id: str, state: str, info: Any) -> JobStatus:
-    progress = Progress.model_validate(info) if state == "PROGRESS" and isinstance(info, dict) else None
+    progress = None
+    if state == "PROGRESS" and isinstance(info, dict):
+        with suppress(ValidationError):  # a record someone else wrote: the state still tells
+            progress = Progress.model_validate(info)
     error = f"{type(info).__name__}: {info}" if state in ("FAILURE", "REVOKED") and info is not None else None
     return JobStatus(job_id, state, progress, error)
 
