@@ -184,7 +184,7 @@ def monitor_rules(db: int = 0) -> Rules:
 
 
 def admin_rules() -> Rules:
-    return Rules(("@all", "-@dangerous", "+info", "+client|list"), ("*",), ("*",))
+    return Rules(("@all", "-@dangerous", "+info", "+client|list", *_CONNECTION), ("*",), ("*",))
 
 
 def gateway_rules(db: int = 0) -> Rules:
