@@ -13,7 +13,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 
-from producers.cli_errors import ConveyorGroup
+from producers.cli_errors import ConveyorGroup, preflight
 from producers.dlq_cli import dlq_app
 from producers.gateway.cli import gateway, keys_app
 from producers.models.cli import models_app
@@ -61,13 +61,21 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+# The result backend's reconnect policy for the CLI: give up after ~2 s (Celery's default retries
+# 20 times a second apart), so a Redis lost mid-wait is named within seconds (producers/cli_errors.py).
+CLI_BACKEND_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
+
+
 def _client() -> Any:
     from producers.client import Client
 
     try:
-        return Client()
+        client = Client()
     except RuntimeError as exc:
         _fail(str(exc))
+    options = dict(client.app.conf.result_backend_transport_options or {})
+    client.app.conf.result_backend_transport_options = {**options, "retry_policy": CLI_BACKEND_RETRY}
+    return client
 
 
 def _submit(job_type: str, fields: dict[str, Any], wait: bool, timeout: float) -> None:
@@ -99,6 +107,7 @@ def _print_result(handle: Any, timeout: float) -> None:
     except ConveyorError as exc:
         _fail(str(exc))
     except (TimeoutError, CeleryTimeout):
+        preflight()  # Celery's backend waits through a lost connection: say so, rather than "no result"
         _fail(f"job {handle.id} has no result after {timeout:.0f}s; state {handle.status().state}", 3)
 
 

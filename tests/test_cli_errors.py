@@ -202,3 +202,15 @@ def test_a_setting_that_does_not_parse(stopped_url: str, tmp_path: Path) -> None
         code, out, took = in_pty(args, env_for(stopped_url, tmp_path, CONVEYOR_MAX_BATCH_SIZE="lots"))
         assert_two_lines(code, out, "CONVEYOR_MAX_BATCH_SIZE='lots' is not valid", "settings table")
         assert took < 5.0
+
+
+def test_redis_lost_while_waiting(tmp_path: Path) -> None:
+    """Past the preflight: Redis goes away while `result --wait` waits; the end names Redis, not the job."""
+    import threading
+
+    server = LocalRedis(tmp_path / "redis", record_url=False)
+    url = server.start()
+    threading.Timer(1.5, server.stop).start()
+    code, out, took = in_pty(["result", "never-sent", "--wait", "--timeout", "4"], env_for(url, tmp_path))
+    assert_two_lines(code, out, "cannot reach Redis")
+    assert took < 12.0, took
