@@ -67,7 +67,7 @@ def test_the_sdk_stamps_the_tenant_on_ids_and_keys(url: str, db: redis.Redis) ->
     handles = client.submit_many([job(), job(id="mine-1"), job(idempotency_key="k")])
     assert [h.id.startswith("acme:") for h in handles] == [True, True, True] and handles[1].id == "acme:mine-1"
     assert db.get("conveyor:idempotency:acme:k") is not None  # under the tenant's ACL pattern
-    for handle in handles:  # each with its claim, holding the digest of what was sent
+    for _ in handles:  # each with its claim, holding the digest of what was sent
         raw = db.rpop(priority_list("conveyor.classify", 4))
         assert raw is not None
         body = json.loads(__import__("base64").b64decode(json.loads(raw)["body"]))
@@ -137,12 +137,17 @@ def test_a_worker_refuses_an_unclaimed_or_altered_tenant_job(db: redis.Redis) ->
     assert claim_refusal(db, "no-tenant-id", data) is None  # jobs without a tenant: no claim needed
 
 
+KEY_CHARS = st.characters(min_codepoint=33, max_codepoint=0x2FFF, blacklist_categories=["Cs"])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    texts=st.lists(st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=40), min_size=1, max_size=4),
+    texts=st.lists(
+        st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=40), min_size=1, max_size=4
+    ),
     priority=st.integers(0, 9),
-    key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF, blacklist_categories=["Cs"]), min_size=1, max_size=20),
-)  # fmt: skip
+    key=st.none() | st.text(KEY_CHARS, min_size=1, max_size=20),
+)
 def test_the_digest_survives_the_wire(texts: list[str], priority: int, key: str | None) -> None:
     """What the producer hashes is what the worker hashes after kombu's JSON round trip."""
     try:
