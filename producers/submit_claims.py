@@ -8,7 +8,8 @@ for a job whose producer chose its id, the id itself.
 - Explicit job id -> ``conveyor:job:ID`` (SET NX, kept as long as results). A second submit
   of the same id is refused (``DuplicateJob``) instead of running the job twice. A generated
   id (uuid4) needs no claim, but is recorded under the same key (one pipelined round trip for
-  the whole call), so ``Client.exists`` knows a queued job from an id nobody submitted.
+  the whole call), so ``Client.exists`` knows a queued job from an id nobody submitted; a
+  tenant's job is known by its submit claim instead.
 
 Claims are all-or-nothing per call: on a refusal, or when sending fails, the claims this call
 made are released (only where they still hold this call's value), so a retry starts clean.
@@ -29,6 +30,7 @@ from shared.errors import DuplicateJob, IdempotencyConflict
 from shared.jobs import JobBase
 from shared.names import IDEMPOTENCY_KEY_PREFIX, JOB_ID_KEY_PREFIX
 from shared.settings import Settings
+from shared.tenants import tenant_of
 
 # The envelope may differ between two submits of the same work (a fresh id and time, a
 # retry at another priority); the hash covers the rest.
@@ -76,7 +78,8 @@ class SubmitClaims:
         return found
 
     def _record_generated(self, jobs: Sequence[JobBase]) -> None:
-        fresh = [job for job in jobs if not explicit_id(job)]
+        # A tenant's job has its submit claim instead (producers/tenancy/gate.py), which exists() reads.
+        fresh = [job for job in jobs if not explicit_id(job) and tenant_of(job.id) is None]
         if not fresh:
             return
         value = datetime.now(UTC).isoformat()

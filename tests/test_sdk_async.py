@@ -256,6 +256,7 @@ def test_a_tenants_sdk_waits_and_exists_within_its_redis_acl(tmp_path: Path) -> 
         client = Client(acme, tenant="acme")
         queued = client.submit(ClassifyJob(texts=["Snow closed the roads."], labels=LABELS))
         assert queued.id.startswith("acme:") and queued.exists() and not client.exists(f"acme:{uuid.uuid4()}")
+        assert admin.get(f"conveyor:job:{queued.id}") is None, "a tenant's submit claim is its record"
         with pytest.raises(TimeoutError):
             client.wait_all([queued], timeout=0.3)
         writer.store_result(queued.id, {"job_id": queued.id, "type": "other", "v": 1}, "SUCCESS")
