@@ -52,6 +52,7 @@ def finished(worker: Any, client: Any, conveyor_env: dict[str, str]) -> dict[str
     pytest.fail(f"no presence entry with the finished jobs: {r.hgetall(PRESENCE_KEY)}")
 
 
+@pytest.mark.slow  # the real worker and its model
 def test_the_view_in_a_terminal(finished: dict[str, Any]) -> None:
     env = dict(finished["env"], COLUMNS="180", LINES="60", TERM="xterm")
     code, out, took = in_pty(["status"], env)
@@ -65,6 +66,7 @@ def test_the_view_in_a_terminal(finished: dict[str, Any]) -> None:
     assert took < 3.5, took
 
 
+@pytest.mark.slow  # the real worker and its model
 def test_json_for_scripts(finished: dict[str, Any]) -> None:
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "producers.cli", "status"], env=finished["env"], cwd=ROOT,
@@ -86,6 +88,7 @@ def test_json_for_scripts(finished: dict[str, Any]) -> None:
     assert took < 5.0, took
 
 
+@pytest.mark.slow  # the real worker and its model
 def test_watch_refreshes_until_ctrl_c(finished: dict[str, Any]) -> None:
     import pty
 
@@ -109,6 +112,7 @@ def test_watch_refreshes_until_ctrl_c(finished: dict[str, Any]) -> None:
     assert "jobs/s" in text and "Traceback" not in text
 
 
+@pytest.mark.slow  # the real worker and its model
 def test_a_worker_that_stopped_beating_is_down(finished: dict[str, Any], client: Any) -> None:
     r: redis.Redis = client.redis
     gone = finished["worker"].model_copy(update={"hostname": "cpu-2@gone-host", "beat_at": time.time() - 60})
