@@ -47,6 +47,7 @@ def test_up_names_every_missing_model_and_the_command_in_one_line(tmp_path: Path
     assert missing(ModelStore(tmp_path / "empty"), {"classify", "transcribe"}) == ["whisper-tiny.en"]
 
 
+@pytest.mark.slow  # loads real weights or trains
 def test_demo_on_a_fresh_store_builds_whisper_before_its_transcribe_job(
     url: str, conveyor_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -61,6 +61,7 @@ def get(base: str, path: str) -> Any:
         return json.loads(response.read())
 
 
+@pytest.mark.slow  # loads real weights or trains
 def test_flower_shows_a_running_training_jobs_epoch_step_loss_and_eta(
     flower: str, client: Client, conveyor_env: dict[str, str], conveyor_home: Path
 ) -> None:

@@ -211,6 +211,7 @@ def test_exists_tells_a_queued_job_from_an_unknown_id_at_once(url: str) -> None:
         client.close()
 
 
+@pytest.mark.slow  # loads real weights or trains
 def test_async_client_with_a_real_worker(conveyor_env: dict[str, str], worker: Any) -> None:
     """Real classify jobs through a real worker: submit_many gives async handles, results are
     typed, a job that fails at the worker (sent by a bare Celery client) is a JobFailed."""
