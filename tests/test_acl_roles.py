@@ -21,6 +21,7 @@ from conftest import ROOT, WorkerProcess
 
 from producers.client import Client
 from producers.local_redis import LocalRedis, free_port
+from producers.tenancy.roles import role_rules
 from producers.tenancy.users import create_user, user_url
 from shared.celery_config import celery_priority
 from shared.jobs import ClassifyJob
@@ -186,6 +187,22 @@ def test_the_admin_role_runs_the_cli_but_not_the_server(users: Users) -> None:
         "DEBUG": lambda: admin.execute_command("DEBUG", "SLEEP", "0"),
     }.items():
         assert refused(call), f"the admin role may not use {name}"
+
+
+def test_compose_gives_its_services_these_roles(users: Users, server: str) -> None:
+    """compose.yaml's Redis users carry roles.py's rules, which a real Redis accepts as they are."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    redis_env = compose["redis"]["environment"]
+    superuser = redis.Redis.from_url(server)
+    for role in ("worker", "monitor"):
+        rules = redis_env[f"{role.upper()}_ACL"]
+        assert rules == " ".join(role_rules(role).acl_args())
+        superuser.execute_command("ACL", "SETUSER", f"compose-{role}", "reset", "on", ">pw", *rules.split())
+    assert compose["worker"]["environment"]["CONVEYOR_REDIS_URL"].startswith("redis://conveyor-worker:")
+    assert compose["flower"]["environment"]["CONVEYOR_REDIS_URL"].startswith("redis://conveyor-monitor:")
+    assert "user conveyor-worker reset on >%s %s" in " ".join(compose["redis"]["command"])
 
 
 # -- real processes with their roles ----------------------------------------------------------------

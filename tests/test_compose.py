@@ -15,7 +15,12 @@ SECRET = re.compile(r"\$\{(\w*PASSWORD\w*)(:?[-?+]?)([^}]*)\}")
 
 def test_every_secret_is_required_and_none_has_a_default() -> None:
     uses = SECRET.findall(COMPOSE.read_text())
-    assert {name for name, _, _ in uses} == {"REDIS_PASSWORD", "FLOWER_PASSWORD"}
+    assert {name for name, _, _ in uses} == {
+        "REDIS_PASSWORD",
+        "WORKER_REDIS_PASSWORD",
+        "MONITOR_REDIS_PASSWORD",
+        "FLOWER_PASSWORD",
+    }
     for name, operator, message in uses:
         assert operator == ":?" and message.strip(), f"${{{name}}} must be written ${{{name}:?message}}"
 
