@@ -339,6 +339,11 @@ class Settings(BaseSettings):
         "prefixed 'TENANT:', write its submit claims and check its quotas (a Redis user bound to the tenant "
         "allows nothing else). Unset: no tenant.",
     )
+    require_tenant: bool = Field(
+        default=False,
+        description="Workers refuse (dead-letter) every job whose id carries no tenant prefix, so a tenant's Redis "
+        "user cannot send work outside its prefix, claims and quotas. false: untenanted jobs run as before.",
+    )
     tenant_max_queued: int = Field(
         default=10_000,
         ge=1,

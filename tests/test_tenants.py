@@ -137,6 +137,19 @@ def test_a_worker_refuses_an_unclaimed_or_altered_tenant_job(db: redis.Redis) ->
     assert claim_refusal(db, "no-tenant-id", data) is None  # jobs without a tenant: no claim needed
 
 
+def test_workers_may_require_a_tenant(db: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import tenancy
+
+    monkeypatch.setenv("CONVEYOR_REQUIRE_TENANT", "true")
+    tenancy.tenant_required.cache_clear()
+    try:
+        assert "carries no tenant prefix" in str(claim_refusal(db, "plain-id", job(id="plain-id").model_dump()))
+    finally:
+        monkeypatch.delenv("CONVEYOR_REQUIRE_TENANT")
+        tenancy.tenant_required.cache_clear()
+    assert claim_refusal(db, "plain-id", {}) is None
+
+
 KEY_CHARS = st.characters(min_codepoint=33, max_codepoint=0x2FFF, blacklist_categories=["Cs"])
 
 

@@ -13,24 +13,36 @@ FAILURE written under it would overwrite the tenant's own job (the forger may kn
 
 At the same time the job leaves its tenant's queued count (the quota, producers/tenancy/gate.py):
 ZREM, idempotent, so a redelivery cannot count twice. One pipelined round trip per tenant job;
-jobs without a tenant prefix cost nothing.
+jobs without a tenant prefix cost nothing (and, with CONVEYOR_REQUIRE_TENANT, are refused).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import redis
 
+from shared.settings import Settings
 from shared.tenant_keys import claim_key, job_digest, queued_key
 from shared.tenants import tenant_of
 from shared.wire_text import printable
 
 
+@cache
+def tenant_required() -> bool:
+    """CONVEYOR_REQUIRE_TENANT, read once per worker process."""
+    return Settings().require_tenant
+
+
 def claim_refusal(client: redis.Redis, job_id: str, job_json: dict[str, Any]) -> str | None:
-    """Why the job may not run (no claim, or a claim for another payload), or None."""
+    """Why the job may not run (no claim, or a claim for another payload; no tenant where one is
+    required), or None."""
     tenant = tenant_of(job_id)
     if tenant is None:
+        if tenant_required():
+            shown = printable(job_id, 100)
+            return f"job {shown!r} carries no tenant prefix (TENANT:...), and CONVEYOR_REQUIRE_TENANT is set"
         return None
     pipe = client.pipeline(transaction=False)
     pipe.get(claim_key(job_id))
