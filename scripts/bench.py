@@ -685,6 +685,10 @@ def main() -> None:
         from bench_score import main as bench_score
 
         sys.exit(bench_score(sys.argv[2:]))
+    if sys.argv[1:2] == ["gateway"]:  # the HTTP gateway's submit path beside the SDK's: scripts/bench_gateway.py
+        from bench_gateway import main as bench_gateway
+
+        sys.exit(bench_gateway(sys.argv[2:]))
     if sys.argv[1:2] == ["commands"]:  # Redis commands per job: scripts/bench_commands.py
         from bench_commands import main as bench_commands
 

@@ -29,6 +29,7 @@ from producers.gateway.webhooks import SIGNATURE_HEADER, verify
 from producers.local_redis import free_port
 from shared.kinds import KINDS, TRAINING_TYPES
 from shared.supervisor import ChildSpec, spawn
+from shared.tenant_keys import quota_key
 
 SECRET = "test-webhook-secret"
 MAX_BODY_KB = 64
@@ -282,6 +283,23 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(gateway: str, keys: KeySt
         assert "rate" in limited.json()["detail"]
 
 
+def test_a_tenant_over_its_quota_gets_429_with_retry_after(gateway: str, keys: KeyStore) -> None:
+    """The SDK's tenant quota (jobs a second, set as `conveyor users quota` does), refused at submit."""
+    tenant = f"quota-{time.time_ns() % 10**9}"
+    keys.redis.hset(quota_key(tenant), mapping={"max_jobs_per_s": 2})
+    with http(gateway, new_key(keys, tenant)) as c:
+        started = time.monotonic()
+        answers = [c.post("/v1/jobs/ner", json=INFERENCE_JOBS["ner"]) for _ in range(10)]
+        elapsed = time.monotonic() - started
+    accepted = [a for a in answers if a.status_code == 202]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(accepted) + len(refused) == 10 and refused, [a.text for a in answers]
+    if elapsed < 1.0:  # ten submits within one second span at most two: at most 2 x 2 pass
+        assert len(accepted) <= 4
+    assert all(int(r.headers["retry-after"]) >= 1 and "QuotaExceeded" in r.json()["detail"] for r in refused)
+    assert tenant in refused[0].json()["detail"]
+
+
 def test_bad_json_and_bad_jobs_are_422_naming_the_field(gateway: str, keys: KeyStore) -> None:
     with http(gateway, new_key(keys, "acme")) as c:
         bad = c.post("/v1/jobs/classify", content=b'{"texts": [', headers={"content-type": "application/json"})
@@ -405,6 +423,26 @@ def test_a_thousand_concurrent_submits_lose_nothing(gateway: str, keys: KeyStore
         assert view["state"] == "SUCCESS", view
         assert "Paris" in [e["text"] for e in view["result"]["results"][0]["entities"]], view
         assert view["result"]["job_id"] == ids[i]
+
+
+def test_one_refused_job_among_concurrent_submits_refuses_no_other(gateway: str, keys: KeyStore) -> None:
+    """Concurrent submits are published together (producers/gateway/publisher.py); a conflict on
+    one idempotency key is that request's 409 alone."""
+    key, idem = new_key(keys, "acme"), f"idem-{time.time_ns()}"
+    bodies = [{"texts": [f"text {i}"]} for i in range(30)]
+    bodies[7] = {"texts": ["first"], "idempotency_key": idem}
+    bodies[20] = {"texts": ["another payload"], "idempotency_key": idem}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+            return list(await asyncio.gather(*(c.post("/v1/jobs/ner", json=b) for b in bodies)))
+
+    answers = asyncio.run(run())
+    codes = [a.status_code for a in answers]
+    assert sorted(codes) == [202] * 29 + [409], codes
+    conflict = answers[codes.index(409)]
+    assert "IdempotencyConflict" in conflict.json()["detail"]
+    assert len({a.json()["id"] for a in answers if a.status_code == 202}) == 29
 
 
 def test_keys_cli_prints_a_key_once_lists_and_revokes(gateway: str, conveyor_env: dict[str, str]) -> None:

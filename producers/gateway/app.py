@@ -4,7 +4,8 @@ routes. Every request names an API key (``Authorization: Bearer KEY``); each ste
 before the next costs anything: the key (401), its rate (429), its job types (403), the body's
 size (413), the JSON and the schema (422), then the SDK's own refusals at submit (quota 429,
 queue full 503, idempotency 409). Jobs are published by the SDK's ``Client``, one per tenant,
-over the same queues as any producer; blocking Redis calls run in the thread pool."""
+over the same queues as any producer; blocking Redis calls run in the thread pool, and a tenant's
+submits that arrive together are published together (``publisher.py``)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pydantic.json_schema import models_json_schema
 from producers.client import Client, JobHandle
 from producers.gateway.body import read_bounded
 from producers.gateway.keys import ApiKey, KeyStore
+from producers.gateway.publisher import Publisher
 from producers.gateway.ratelimit import RateLimiter
 from producers.gateway.views import Accepted, Cancelled, JobView, Problem, job_view
 from producers.gateway.webhooks import WebhookDispatcher, WebhookStore, check_callback_url
@@ -53,6 +55,7 @@ log = logging.getLogger("conveyor.gateway")
 API_PREFIX = "/v1/jobs"
 POLL_FIRST_S = 0.02  # a long poll looks again after this, then 1.5 x longer each time, up to POLL_MAX_S
 POLL_MAX_S = 0.25
+INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this are validated on the event loop, larger ones in a thread
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": what}
     for code, what in {
@@ -79,6 +82,7 @@ class Gateway:
         self.keys = KeyStore(self.redis)
         self.limiter = RateLimiter()
         self.webhooks = WebhookStore(self.redis, settings)
+        self.publisher = Publisher(self.client)
         self._clients: dict[str, Client] = {}
         self._clients_lock = threading.Lock()
 
@@ -139,8 +143,11 @@ class Gateway:
                     503, "too many webhooks are waiting (CONVEYOR_GATEWAY_MAX_WEBHOOKS)", _retry_after(5)
                 )
         raw = await read_bounded(request, self.max_body)
-        job = await run_in_threadpool(self._parse, spec, raw, key.tenant)
-        handle = await run_in_threadpool(self._publish, key.tenant, job)
+        if len(raw) <= INLINE_PARSE_BYTES:  # a small job validates in microseconds: no thread hop
+            job = self._parse(spec, raw, key.tenant)
+        else:
+            job = await run_in_threadpool(self._parse, spec, raw, key.tenant)
+        handle = await self._publish(key.tenant, job)
         if callback_url is not None:
             await run_in_threadpool(self.webhooks.add, handle.id, callback_url, key.tenant)
         status = f"{API_PREFIX}/{handle.id}"
@@ -157,9 +164,9 @@ class Gateway:
             raise _unprocessable(f"id: {job.id!r} names tenant {owner!r}; this API key's tenant is {tenant!r}")
         return job  # the tenant's Client adds its prefix to the id and the idempotency key
 
-    def _publish(self, tenant: str, job: JobBase) -> JobHandle:
+    async def _publish(self, tenant: str, job: JobBase) -> JobHandle:
         try:
-            return self.client(tenant).submit(job)
+            return await self.publisher.submit(tenant, job)
         except (IdempotencyConflict, DuplicateJob) as exc:
             raise HTTPException(409, f"{type(exc).__name__}: {exc}") from None
         except QueueFull as exc:

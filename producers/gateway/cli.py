@@ -73,18 +73,18 @@ def gateway(
 
 
 def serve(settings: Settings, port: int | None = None, address: str | None = None) -> None:
-    import logging
-
     import uvicorn
 
     from producers.gateway.app import create_app
+    from shared.log_format import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("gateway", fmt=settings.log_format)  # the webhooks' deliveries and give-ups
     uvicorn.run(
         create_app(settings),
         host=address or settings.gateway_address,
         port=port or settings.gateway_port,
         limit_concurrency=settings.gateway_max_connections,
+        log_config=None,  # records go through configure_logging above, in CONVEYOR_LOG_FORMAT
         log_level="warning",
         server_header=False,
         proxy_headers=False,  # the client address is the socket's, never a header's
