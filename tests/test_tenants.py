@@ -4,6 +4,7 @@ each process only its own Redis user while `conveyor users add` makes a tenant's
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -69,8 +70,8 @@ def test_the_sdk_stamps_the_tenant_on_ids_and_keys(url: str, db: redis.Redis) ->
     assert db.get("conveyor:idempotency:acme:k") is not None  # under the tenant's ACL pattern
     for _ in handles:  # each with its claim, holding the digest of what was sent
         raw = db.rpop(priority_list("conveyor.classify", 4))
-        assert raw is not None
-        body = json.loads(__import__("base64").b64decode(json.loads(raw)["body"]))
+        assert isinstance(raw, bytes)
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         assert db.get(claim_key(body[0][0]["id"])) == job_digest(body[0][0]).encode()
     assert db.zcard(queued_key("acme")) == 3
     with pytest.raises(ValueError, match="belongs to tenant 'beta'"):
@@ -214,7 +215,7 @@ def test_up_gives_each_process_its_own_user_and_users_add_makes_a_tenant(tmp_pat
         # Each process logged in as its own role's user; none as the superuser.
         users = {c["user"] for c in superuser.client_list()} - {"default"}
         assert {"conveyor-worker", "conveyor-monitor"} <= users, users
-        refusals = [e for e in superuser.acl_log(count=500) if e["username"].startswith("conveyor-")]
+        refusals = [e for e in superuser.acl_log(count=500) if str(e["username"]).startswith("conveyor-")]
         refusals = [e for e in refusals if e["object"] != "config"]  # the launcher's look at notify-keyspace-events
         assert not refusals, [(e["username"], e["reason"], e["object"], e["context"]) for e in refusals]
         assert oct((home / "redis.users.json").stat().st_mode & 0o777) == "0o600"
