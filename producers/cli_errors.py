@@ -34,8 +34,13 @@ from shared.settings import Settings
 INFRA_EXIT_CODE = 5
 PREFLIGHT_TIMEOUT_S = 3.0  # connect, and again for the reply: a silent server is named within ~6 s
 REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
-# Top-level commands that never talk to Redis (`up` starts or checks its own): no preflight.
-NO_REDIS_COMMANDS = {"schema", "models", "up", "down", "worker", "exporter"}
+# Commands that never talk to Redis (`up` starts or checks its own; the model store is files): no
+# preflight. Any other command, a sub-app's added later included, gets one.
+NO_REDIS_COMMANDS = {
+    ("schema",), ("up",), ("down",), ("worker",), ("exporter",),
+    ("models",), ("models", "show"), ("models", "prepare"), ("models", "alias"), ("models", "aliases"),
+    ("models", "remove"),
+}  # fmt: skip
 _HELP = {"--help", "-h"}
 _CHECK_URL = "check CONVEYOR_REDIS_URL"
 
@@ -236,15 +241,18 @@ def _is_job_timeout(exc: BaseException) -> bool:
 
 def _needs_redis(group: TyperGroup, ctx: Any, args: list[str]) -> bool:
     """Whether the command these arguments name talks to Redis (help and usage never do)."""
-    if not args or _HELP & set(args) or args[0] in NO_REDIS_COMMANDS:
+    if not args or _HELP & set(args):
         return False
     cmd: Any = group
     rest = list(args)
+    path: tuple[str, ...] = ()  # the command names: ("models", "compress")
     while isinstance(cmd, TyperGroup) and rest:
         sub = cmd.get_command(ctx, rest[0])
         if sub is None:
             return False  # a usage error follows
-        cmd, rest = sub, rest[1:]
+        cmd, path, rest = sub, (*path, rest[0]), rest[1:]
+    if path in NO_REDIS_COMMANDS:
+        return False
     return not isinstance(cmd, TyperGroup) or cmd.invoke_without_command
 
 

@@ -214,3 +214,11 @@ def test_redis_lost_while_waiting(tmp_path: Path) -> None:
     code, out, took = in_pty(["result", "never-sent", "--wait", "--timeout", "4"], env_for(url, tmp_path))
     assert_two_lines(code, out, "cannot reach Redis")
     assert took < 12.0, took
+
+
+def test_model_store_commands_need_no_redis_and_job_commands_do(stopped_url: str, tmp_path: Path) -> None:
+    env = env_for(stopped_url, tmp_path, CONVEYOR_MODEL_DIR=str(tmp_path / "models"))
+    code, out, _ = in_pty(["models"], env)
+    assert code == 0 and "cannot reach Redis" not in out, out
+    code, out, _ = in_pty(["models", "compress", "all-MiniLM-L6-v2"], env)
+    assert_two_lines(code, out, "cannot reach Redis")
