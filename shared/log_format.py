@@ -75,7 +75,8 @@ def _celery_fields(record: logging.LogRecord) -> dict[str, Any]:
     if "exc" in data:  # a failure: the exception's repr, e.g. "ModelNotFound('no model x')"
         exc = str(data["exc"])
         match = re.match(r"([A-Za-z_][\w.]*)\((.*)\)$", exc, re.S)
-        out.update(event="job_failed", error_type=match.group(1) if match else "Error")
+        error_type = match.group(1) if match else "Error"
+        out.update(event="job_cancelled" if error_type == "JobCancelled" else "job_failed", error_type=error_type)
         out["error"] = (match.group(2) if match else exc).strip("'\"")
         record.msg, record.args = f"Task {name}[{data['id']}] {data.get('description') or 'failed'}", ()
     elif "runtime" in data:  # a success: keep the time, drop the return value

@@ -200,6 +200,16 @@ def test_formatters_write_only_the_named_fields() -> None:
     )
     line = JsonFormatter().format(celery)
     assert SECRET not in line and json.loads(line)["event"] == "job_succeeded" and json.loads(line)["kind"] == "train"
+    for exc, event in (("InvalidJob('no user column')", "job_failed"), ("JobCancelled('stopped')", "job_cancelled")):
+        failure = {"name": "conveyor.fine_tune", "id": "t2", "exc": exc, "description": "raised expected",
+                   "args": SECRET}  # fmt: skip
+        record = logging.getLogger("celery.app.trace").makeRecord(
+            "celery.app.trace", logging.INFO, __file__, 1, "Task %(name)s[%(id)s] %(description)s: %(exc)s",
+            (failure,), None, extra={"data": failure},
+        )  # fmt: skip
+        out = json.loads(JsonFormatter().format(record))
+        assert out["event"] == event and out["kind"] == "fine-tune" and out["job_id"] == "t2", out
+        assert out["error_type"] == exc.split("(")[0] and out["error"] == exc.split("'")[1] and SECRET not in str(out)
     assert clean("\x1b[1mbold\x1b[0m 10%\r20%") == "20%"
     captured: list[logging.LogRecord] = []
     grab = logging.Handler()
