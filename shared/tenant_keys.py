@@ -11,6 +11,9 @@ in producers/tenancy/roles.py grant them by these prefixes).
   worker, scored by submit time. Producers ZADD, workers ZREM at intake (idempotent, so a
   redelivery cannot count twice); members older than the claims' lifetime are pruned.
 - ``conveyor:quota:T:rate:<unix second>``: jobs the tenant submitted in that second.
+- ``conveyor:quota:T:refused``: jobs refused by the tenant's quotas (a counter, for metrics).
+- ``conveyor:tenants`` (set): the tenants an admin made (`conveyor users`): the bounded label values
+  of per-tenant metrics (producers/tenancy/metrics.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from shared.tenants import tenant_prefix
 
 CLAIM_KEY_PREFIX: Final = "conveyor:claim:"
 QUOTA_KEY_PREFIX: Final = "conveyor:quota:"
+TENANTS_KEY: Final = "conveyor:tenants"
 RATE_WINDOW_TTL_S: Final = 2  # a per-second counter outlives its second by one
 
 
@@ -40,6 +44,10 @@ def queued_key(tenant: str) -> str:
 
 def rate_key(tenant: str, second: int) -> str:
     return f"{quota_key(tenant)}:rate:{second}"
+
+
+def refused_key(tenant: str) -> str:
+    return quota_key(tenant) + ":refused"
 
 
 def job_digest(job_json: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from conftest import ROOT, WorkerProcess
 
 from producers.client import Client
 from producers.local_redis import LocalRedis, free_port
+from producers.tenancy.metrics import TenantCollector
 from producers.tenancy.roles import role_rules
 from producers.tenancy.users import create_user, user_url
 from shared.celery_config import celery_priority
@@ -157,6 +158,8 @@ def test_the_monitor_role_only_reads(users: Users) -> None:
     monitor = as_user(users, "m")
     assert monitor.llen("conveyor.classify") == 0 and monitor.hlen(DEAD_LETTER_KEY) == 0
     assert monitor.hgetall("conveyor:metrics:jobs") == {} and monitor.get("celery-task-meta-acme:1") is None
+    redis.Redis.from_url(users["a"]).sadd("conveyor:tenants", "acme")
+    assert [m.name for m in TenantCollector(monitor).collect()][0] == "conveyor_tenant_queued_jobs"
     for name, call in {
         "LPUSH": lambda: monitor.lpush("conveyor.classify", b"{}"),
         "RPOP": lambda: monitor.rpop("conveyor.classify"),

@@ -122,6 +122,28 @@ def test_queued_jobs_over_the_quota_are_refused_until_workers_take_some(url: str
     client.close()
 
 
+def test_per_tenant_metrics_count_queued_and_refused_jobs(url: str, db: redis.Redis) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from producers.tenancy.metrics import TenantCollector
+    from shared.tenant_keys import TENANTS_KEY
+
+    db.sadd(TENANTS_KEY, "acme", "idle", "Not A Tenant")  # a name that is no tenant is never a label
+    db.hset(quota_key("acme"), mapping={"max_queued": 2, "max_jobs_per_s": 100})
+    gate = TenantGate(lambda: db, "acme", Settings(), clock=Clock(7.5))
+    gate.admit([gate.stamp(job()), gate.stamp(job())])
+    with pytest.raises(QuotaExceeded):
+        gate.admit([gate.stamp(job()) for _ in range(2)])
+    registry = CollectorRegistry()
+    registry.register(TenantCollector(db))
+    sample = registry.get_sample_value
+    assert sample("conveyor_tenant_queued_jobs", {"tenant": "acme"}) == 2
+    assert sample("conveyor_tenant_quota_refused_total", {"tenant": "acme"}) == 2
+    assert sample("conveyor_tenant_quota_max_queued", {"tenant": "acme"}) == 2
+    assert sample("conveyor_tenant_quota_max_jobs_per_s", {"tenant": "idle"}) == Settings().tenant_max_jobs_per_s
+    assert sample("conveyor_tenant_queued_jobs", {"tenant": "Not A Tenant"}) is None
+
+
 def test_the_default_quotas_come_from_the_settings(url: str, db: redis.Redis) -> None:
     gate = TenantGate(lambda: db, "acme", Settings(tenant_max_queued=1), clock=Clock(5.5))
     gate.admit([gate.stamp(job())])

@@ -16,7 +16,7 @@ from producers.tenancy.roles import ROLE_NAMES, role_rules
 from producers.tenancy.users import create_user, db_of, remove_user, superuser_url, user_url
 from shared.redis_connect import redis_client
 from shared.settings import Settings
-from shared.tenant_keys import quota_key
+from shared.tenant_keys import TENANTS_KEY, quota_key
 from shared.tenants import check_tenant
 
 users_app = typer.Typer(help="Redis users with least privilege (roles), and tenants' quotas.", no_args_is_help=True)
@@ -54,6 +54,8 @@ def users_add(
         if tenant is not None:
             check_tenant(tenant)
         password = create_user(client, name, role, tenant, db=db_of(url))
+        if tenant:
+            client.sadd(TENANTS_KEY, tenant)  # the bounded label values of per-tenant metrics
     except ValueError as exc:
         _fail(str(exc), 2)
     except redis.RedisError as exc:
@@ -105,6 +107,7 @@ def users_quota(
     except ValueError as exc:
         _fail(str(exc), 2)
     client, _ = _superuser()
+    client.sadd(TENANTS_KEY, tenant)
     for field, value in (("max_queued", max_queued), ("max_jobs_per_s", max_jobs_per_s)):
         if value is not None:
             client.hset(key, field, value)

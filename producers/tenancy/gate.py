@@ -29,7 +29,7 @@ import redis
 from shared.errors import QuotaExceeded
 from shared.jobs import MAX_ID_CHARS, MAX_KEY_CHARS, JobBase
 from shared.settings import Settings
-from shared.tenant_keys import RATE_WINDOW_TTL_S, claim_key, job_digest, queued_key, quota_key, rate_key
+from shared.tenant_keys import RATE_WINDOW_TTL_S, claim_key, job_digest, queued_key, quota_key, rate_key, refused_key
 from shared.tenants import check_tenant, tenant_of, tenant_prefix
 
 QUOTA_FIELDS = ("max_queued", "max_jobs_per_s")
@@ -119,7 +119,7 @@ class TenantGate:
         queued_before, this_second = int(replies[2]), int(replies[4])
         refusal = self._refusal(quota, len(jobs), queued_before, this_second, now)
         if refusal is not None:
-            self._undo(ids, second, len(jobs))
+            self._undo(ids, second, len(jobs), refused=True)
             raise refusal
 
     def _refusal(self, quota: Quota, n: int, queued: int, this_second: int, now: float) -> QuotaExceeded | None:
@@ -152,10 +152,12 @@ class TenantGate:
         if ids:
             self._undo(list(ids), None, 0)
 
-    def _undo(self, ids: list[str], second: int | None, n: int) -> None:
+    def _undo(self, ids: list[str], second: int | None, n: int, refused: bool = False) -> None:
         pipe = self._client().pipeline(transaction=False)
         if second is not None and n:
             pipe.decrby(rate_key(self.tenant, second), n)  # a refused job is not counted
+        if refused:
+            pipe.incrby(refused_key(self.tenant), len(ids))  # ... but shown (producers/tenancy/metrics.py)
         pipe.zrem(queued_key(self.tenant), *ids)
         for job_id in ids:
             pipe.getdel(claim_key(job_id))  # GETDEL: a string command, so the role needs no DEL

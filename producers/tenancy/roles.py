@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from shared.names import ALL_QUEUES, CANCEL_KEY_PREFIX, IDEMPOTENCY_KEY_PREFIX, JOB_ID_KEY_PREFIX
-from shared.tenant_keys import CLAIM_KEY_PREFIX, QUOTA_KEY_PREFIX
+from shared.tenant_keys import CLAIM_KEY_PREFIX, QUOTA_KEY_PREFIX, TENANTS_KEY
 from shared.tenants import check_tenant
 
 ROLE_NAMES: Final = ("producer", "worker", "monitor", "admin", "gateway")
@@ -179,6 +179,7 @@ def monitor_rules(db: int = 0) -> Rules:
         "_kombu.binding*",  # the event receiver's fanout binding
         "celeryev.*",  # ... and its own queue's lists (declared empty, never filled: events come by PUBLISH)
         "unacked_index",  # read by kombu's consumer (never restored from here: see monitor_process)
+        TENANTS_KEY, f"{QUOTA_KEY_PREFIX}*",  # per-tenant metrics (producers/tenancy/metrics.py)
     )  # fmt: skip
     return Rules(_MONITOR_COMMANDS, keys, (f"/{db}.celeryev/*",))
 
