@@ -191,7 +191,7 @@ def admin_rules() -> Rules:
 def gateway_rules(db: int = 0) -> Rules:
     base = producer_rules(None, db)
     keys = (*base.keys, f"{CLAIM_KEY_PREFIX}*", f"{QUOTA_KEY_PREFIX}*", f"{GATEWAY_KEY_PREFIX}*")
-    extra = ("hget", "hset", "hdel", "hgetall", "hkeys", "expire", "exists", "mget")
+    extra = ("hget", "hset", "hdel", "hgetall", "hkeys", "hvals", "hlen", "expire", "exists", "mget")
     return Rules((*base.commands, *extra), keys, base.channels)
 
 
