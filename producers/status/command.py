@@ -44,15 +44,15 @@ def run(
     console = Console()
     first = snapshot(client, settings, inspect)
     if not watch:
-        console.print(render(first, where))
+        console.print(render(first, where, width=console.width))
         return
     previous = first
-    with Live(render(first, where), console=console, auto_refresh=False, screen=False) as live:
+    with Live(render(first, where, width=console.width), console=console, auto_refresh=False, screen=False) as live:
         try:
             while True:
                 time.sleep(interval)
                 current = snapshot(client, settings, inspect)
-                live.update(render(current, where, previous), refresh=True)
+                live.update(render(current, where, previous, console.width), refresh=True)
                 previous = current
         except KeyboardInterrupt:
             return

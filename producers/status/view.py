@@ -13,6 +13,7 @@ from rich.text import Text
 from producers.status.snapshot import Snapshot
 
 EMPTY = "-"
+NARROW = 120  # columns below which the tables drop their least needed columns
 
 
 def _age(seconds: float | None) -> str:
@@ -44,49 +45,58 @@ def _short(names: list[str], most: int = 3) -> str:
     return ", ".join(shown) + (f" +{len(names) - most}" if len(names) > most else "")
 
 
-def workers_table(snap: Snapshot) -> Table:
+def _table(title: str, columns: list[str], keep: set[str] | None, left: tuple[str, ...]) -> tuple[Table, list[int]]:
+    """A table of the columns kept (all, or ``keep`` on a narrow terminal); the indexes kept."""
+    table = Table(title=title, title_justify="left")
+    kept = [i for i, name in enumerate(columns) if keep is None or name in keep]
+    for i in kept:
+        table.add_column(columns[i], justify="left" if columns[i] in left else "right", no_wrap=columns[i] in left)
+    return table, kept
+
+
+def workers_table(snap: Snapshot, narrow: bool = False) -> RenderableType:
+    if not snap.workers:
+        return Text("Workers: none has reported (start them: conveyor up, or conveyor worker)", style="yellow")
     up = sum(w.up for w in snap.workers)
-    table = Table(title=f"Workers: {up} up, {len(snap.workers) - up} down", title_justify="left", expand=False)
-    for name in ("worker", "state", "role", "device", "models", "held", "batches/s", "ok / failed", "heartbeat"):
-        table.add_column(name, justify="right" if name in ("held", "batches/s", "ok / failed") else "left")
+    columns = ["worker", "state", "role", "device", "models", "held", "batches/s", "ok / failed", "heartbeat"]
+    keep = {"worker", "state", "device", "held", "batches/s", "heartbeat"} if narrow else None
+    table, kept = _table(f"Workers: {up} up, {len(snap.workers) - up} down", columns, keep,
+                         ("worker", "state", "role", "device", "models"))  # fmt: skip
     for w in snap.workers:
         p = w.presence
         state = Text("up", style="green") if w.up else Text("down", style="bold red")
-        table.add_row(
+        row: list[str | Text] = [
             w.hostname, state, p.role if p else EMPTY, p.device if p else EMPTY,
             _short(p.models, 2) if p and p.models else EMPTY, str(p.held) if p else EMPTY,
             _num(p.batches_per_s, 2) if p else EMPTY, f"{p.succeeded:,} / {p.failed:,}" if p else EMPTY,
             f"{_age(w.heartbeat_age_s)} ago",
-        )  # fmt: skip
-    if not snap.workers:
-        table.add_row(Text("no worker has reported (start one: conveyor up, or conveyor worker)", style="yellow"))
+        ]  # fmt: skip
+        table.add_row(*(row[i] for i in kept))
     return table
 
 
-def queues_table(snap: Snapshot) -> Table:
+def queues_table(snap: Snapshot) -> RenderableType:
     busy = [q for q in snap.queues if q.length]
-    table = Table(
-        title=f"Queues: {sum(q.length for q in snap.queues):,} jobs waiting in {len(busy)} of {len(snap.queues)}",
-        title_justify="left",
-    )
-    for name, right in (("queue", False), ("waiting", True), ("oldest", True), ("by priority (9 most urgent)", False)):
-        table.add_column(name, justify="right" if right else "left")
+    if not busy:
+        return Text(f"Queues: all {len(snap.queues)} empty")
+    title = f"Queues: {sum(q.length for q in snap.queues):,} jobs waiting in {len(busy)} of {len(snap.queues)}"
+    table, _ = _table(title, ["queue", "waiting", "oldest", "by priority (9 most urgent)"], None,
+                      ("queue", "by priority (9 most urgent)"))  # fmt: skip
     for q in busy:
         old = q.oldest_age_s
         oldest = Text(_age(old), style="yellow" if old is not None and old > 60 else "")
         priorities = "  ".join(f"{p}: {n:,}" for p, n in sorted(q.by_priority.items(), reverse=True) if n)
         table.add_row(q.queue, f"{q.length:,}", oldest, priorities)
-    if not busy:
-        table.add_row(Text("every queue is empty", style="dim"))
     return table
 
 
-def kinds_table(snap: Snapshot, previous: Snapshot | None = None) -> Table:
-    table = Table(title="Jobs by kind (since the counters began)", title_justify="left")
+def kinds_table(snap: Snapshot, previous: Snapshot | None = None, narrow: bool = False) -> RenderableType:
+    if not snap.kinds:
+        return Text("Jobs by kind: none has finished yet")
     columns = ["kind", "succeeded", "failed", "cancelled", "jobs/s", "batches", "mean batch", "run p50", "run p95",
                "wait p50", "wait p95", "retries"]  # fmt: skip
-    for name in columns:
-        table.add_column(name, justify="left" if name == "kind" else "right")
+    keep = {"kind", "succeeded", "failed", "jobs/s", "mean batch", "run p50", "run p95", "wait p95"} if narrow else None
+    table, kept = _table("Jobs by kind (since the counters began)", columns, keep, ("kind",))
     before = {k.kind: k for k in previous.kinds} if previous else {}
     span = snap.taken_at - previous.taken_at if previous else 0.0
     for k in snap.kinds:
@@ -95,17 +105,18 @@ def kinds_table(snap: Snapshot, previous: Snapshot | None = None) -> Table:
         if previous is not None and span > 0:
             rate = _num((done - sum(before[k.kind].states.values()) if k.kind in before else done) / span, 1)
         failed = k.states.get("FAILURE", 0)
-        table.add_row(
+        row: list[str | Text] = [
             k.kind, f"{k.states.get('SUCCESS', 0):,}", Text(f"{failed:,}", style="red" if failed else ""),
             f"{k.states.get('REVOKED', 0):,}", rate, f"{k.batches:,}", _num(k.mean_batch_size),
             _age(k.run_s[0.5]), _age(k.run_s[0.95]), _age(k.wait_s[0.5]), _age(k.wait_s[0.95]), f"{k.retries:,}",
-        )  # fmt: skip
-    if not snap.kinds:
-        table.add_row(Text("no job has finished yet", style="dim"))
+        ]  # fmt: skip
+        table.add_row(*(row[i] for i in kept))
     return table
 
 
-def render(snap: Snapshot, where: str, previous: Snapshot | None = None) -> RenderableType:
+def render(snap: Snapshot, where: str, previous: Snapshot | None = None, width: int = 200) -> RenderableType:
+    """The whole view; on a terminal narrower than NARROW columns, fewer columns per table."""
+    narrow = width < NARROW
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.taken_at))
     dead = snap.dead_letter_queue
     letters = Text(
@@ -115,8 +126,8 @@ def render(snap: Snapshot, where: str, previous: Snapshot | None = None) -> Rend
         letters.append("; moved there so far: " + ", ".join(f"{q} {n:,}" for q, n in snap.dead_lettered.items()))
     return Group(
         Text(f"Conveyor at {where}, {stamp}", style="bold"),
-        workers_table(snap),
+        workers_table(snap, narrow),
         queues_table(snap),
         letters,
-        kinds_table(snap, previous),
+        kinds_table(snap, previous, narrow),
     )
