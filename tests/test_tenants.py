@@ -160,6 +160,21 @@ def test_a_worker_refuses_an_unclaimed_or_altered_tenant_job(db: redis.Redis) ->
     assert claim_refusal(db, "no-tenant-id", data) is None  # jobs without a tenant: no claim needed
 
 
+def test_a_batch_of_claims_is_read_in_one_pipeline(db: redis.Redis) -> None:
+    from workers.tenancy import claims_from, queue_claim_lookups
+
+    good, forged = job(id="acme:b1").model_dump(mode="json"), job(id="acme:b2").model_dump(mode="json")
+    db.set(claim_key("acme:b1"), job_digest(good))
+    db.zadd(queued_key("acme"), {"acme:b1": 1, "acme:b2": 1})
+    pipe = db.pipeline(transaction=False)
+    ids = queue_claim_lookups(pipe, ["acme:b1", "plain", "acme:b2"])
+    claims = claims_from(ids, pipe.execute())
+    assert ids == ["acme:b1", "acme:b2"] and db.zcard(queued_key("acme")) == 0
+    db.delete(claim_key("acme:b1"))  # read already: no second round trip
+    assert claim_refusal(db, "acme:b1", good, claims) is None
+    assert "no submit claim" in str(claim_refusal(db, "acme:b2", forged, claims))
+
+
 def test_workers_may_require_a_tenant(db: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     from workers import tenancy
 
