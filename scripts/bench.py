@@ -20,6 +20,9 @@ milliseconds per job and jobs/s, the fast path against Celery's per-task path
 producers beside it.
 
 score: bulk scoring (scripts/bench_score.py: throughput, latency, rss).
+
+gateway: the HTTP gateway's submit path beside the SDK's (scripts/bench_gateway.py: latency one at
+a time, jobs/s with producer processes, CPU per job of the producers and the gateway).
 """
 
 from __future__ import annotations

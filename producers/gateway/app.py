@@ -138,7 +138,7 @@ class Gateway:
                 check_callback_url(callback_url, self.settings.gateway_webhook_hosts)
             except ValueError as exc:
                 raise _unprocessable(f"callback_url: {exc}") from None
-            if await run_in_threadpool(self.webhooks.full):
+            if self.webhooks.full():
                 raise HTTPException(
                     503, "too many webhooks are waiting (CONVEYOR_GATEWAY_MAX_WEBHOOKS)", _retry_after(5)
                 )

@@ -108,12 +108,16 @@ class WebhookStore:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
+        self.count = 0  # pending callbacks at the dispatcher's last look, plus those added since
 
     def full(self) -> bool:
-        return int(self.redis.hlen(WEBHOOKS_KEY)) >= self.settings.gateway_max_webhooks
+        """Whether CONVEYOR_GATEWAY_MAX_WEBHOOKS are pending (as of the last pass, a fraction of a
+        second ago: no Redis call per submit)."""
+        return self.count >= self.settings.gateway_max_webhooks
 
     def add(self, job_id: str, url: str, tenant: str) -> None:
         self.redis.hset(WEBHOOKS_KEY, job_id, Pending(url=url, tenant=tenant, created=time.time()).model_dump_json())
+        self.count += 1
 
     def pending(self) -> dict[str, Pending]:
         found = {}
@@ -122,6 +126,7 @@ class WebhookStore:
                 found[job_id.decode() if isinstance(job_id, bytes) else job_id] = Pending.model_validate_json(raw)
             except (ValidationError, UnicodeDecodeError):
                 self.redis.hdel(WEBHOOKS_KEY, job_id)  # unreadable: nothing could ever deliver it
+        self.count = len(found)
         return found
 
     def update(self, job_id: str, entry: Pending) -> None:
