@@ -200,6 +200,14 @@ class OutputPump:
             self.handler.close()
 
     def write(self, raw: bytes) -> None:
+        """One line into the file; never raises (a pump that stopped reading would block its child
+        on a full pipe): a line that cannot be written is dropped."""
+        try:
+            self._write(raw)
+        except Exception:  # the child's progress matters more than one log line
+            pass
+
+    def _write(self, raw: bytes) -> None:
         text = clean(raw.decode("utf-8", "replace")).rstrip()
         if not text:
             return
