@@ -211,12 +211,28 @@ def _start_ingest(hostname: str) -> None:
         retry_backoff_s=settings.retry_backoff_s,
         max_deliveries=settings.max_deliveries,
         idle_poll_s=settings.idle_poll_ms / 1000.0,
+        wakeup=_wakeup(
+            hostname,
+            [q for q in process.ingest_queues if q in INFERENCE_QUEUES],
+            [q for q in process.ingest_queues if q in BULK_QUEUES.values()],
+        ),  # fmt: skip
         revoked=worker_state.revoked,
         on_active=_on_active,
         on_outcome=_on_outcome,
         on_retry=_on_retry,
     ).start()
     log.info("bulk ingest serving %s", ", ".join(process.ingest_queues))
+
+
+def _wakeup(hostname: str, queues: list[str], bulk_queues: list[str]) -> Any:
+    """What wakes this worker's idle ingest: keyspace notifications for its lists (or None: poll)."""
+    if settings.wakeup != "notify":
+        return None
+    from workers.ingest import served_lists
+    from workers.wakeup import KeyspaceWakeup
+
+    keys = [key for key, _ in served_lists(queues, bulk_queues)]
+    return KeyspaceWakeup(redis_client(settings), keys, hostname).start()
 
 
 def _start_training_intake(hostname: str) -> None:
@@ -249,6 +265,7 @@ def _start_training_intake(hostname: str) -> None:
         job_types=TRAINING_TYPES,
         accept=handoff.idle,
         idle_poll_s=max(0.05, settings.idle_poll_ms / 1000.0),
+        wakeup=_wakeup(hostname, [TRAINING_QUEUE], []),
         revoked=worker_state.revoked,
         on_outcome=_on_outcome,  # a training message refused at intake is logged and counted too
     ).start()

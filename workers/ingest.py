@@ -860,6 +860,8 @@ class Ingest:
                 else:
                     self._items = max(0, self._items - entry.items)
             self._room.notify_all()
+        if self.wakeup is not None:
+            self.wakeup.wake()  # room again: a loop asleep on empty queues (or on a full room) looks now
 
     # -- putting messages back ---------------------------------------------------------------------------
     def _requeue(self, envs: list[Envelope]) -> None:

@@ -161,6 +161,19 @@ def supervise(
     return supervisor.run(poll_s=0.5, stop_when=orphaned)
 
 
+def _ensure_keyspace_events(settings: Settings) -> None:
+    """Once per `conveyor worker`: the keyspace notifications that let idle workers sleep."""
+    from shared.keyspace_events import ensure_keyspace_events
+    from shared.redis_connect import redis_client
+
+    try:
+        client = redis_client(settings, socket_timeout=5, socket_connect_timeout=5)
+        log.info("%s", ensure_keyspace_events(client))
+        client.close()
+    except Exception as exc:  # Redis not up yet: the workers' own probe decides later
+        log.info("keyspace notifications not checked (%s: %s)", type(exc).__name__, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor worker", description=__doc__)
     parser.add_argument("--devices", default=Settings().devices, help="auto, cpu, or GPU indices like 0,1")
@@ -173,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     configure_logging("workers", logging.INFO, settings.log_format)
     settings.broker_url()  # fail early, with the message that says how to configure Redis
+    if settings.wakeup == "notify":
+        _ensure_keyspace_events(settings)
     only = args.only
     specs = plan(parse_devices(args.devices), settings, inference=only != "training", training=only != "inference")
     return supervise(specs, args.loglevel, args.exit_with_parent, settings)
