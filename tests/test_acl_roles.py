@@ -92,6 +92,8 @@ def test_the_producer_role_publishes_and_reads_only_its_own(users: Users) -> Non
     assert acme.set("conveyor:idempotency:acme:k", "v", nx=True, ex=60)
     assert acme.get("celery-task-meta-acme:1") is None
     assert acme.hmget("conveyor:quota:acme", ["max_queued"]) == [None]
+    # CONVEYOR_WAIT_REPLICAS: the marker, then WAIT (no replicas here: answered at once).
+    assert acme.set("conveyor:replicated", "1") and acme.execute_command("WAIT", 0, 10) == 0
     waiting = acme.pubsub()  # waiting for its result, as Celery's result backend does
     waiting.subscribe("celery-task-meta-acme:1")
     assert waiting.get_message(timeout=5)["type"] == "subscribe"
@@ -136,6 +138,12 @@ def test_the_worker_role_has_no_admin_commands(users: Users) -> None:
     worker = as_user(users, "w")
     assert worker.set("celery-task-meta-x", "{}", ex=60) and worker.hset("unacked", "t", "x") == 1
     assert worker.hdel("unacked", "t") == 1 and worker.hlen(DEAD_LETTER_KEY) == 0
+    assert worker.lpush("conveyor:wake-probe:cpu@host", b"x") == 1 and worker.delete("conveyor:wake-probe:cpu@host")
+    assert worker.execute_command("WAIT", 0, 10) == 0  # after its result writes, with CONVEYOR_WAIT_REPLICAS
+    keyspace = worker.pubsub()  # the idle wake-up listens for pushes to its queues
+    keyspace.subscribe("__keyspace@0__:conveyor.classify")
+    assert keyspace.get_message(timeout=5)["type"] == "subscribe"
+    keyspace.close()
     assert worker.eval("return redis.call('LLEN', KEYS[1])", 1, "conveyor.classify") == 0  # its pop script's way
     for name, call in {
         "KEYS": lambda: worker.keys("*"),
@@ -206,6 +214,30 @@ def test_compose_gives_its_services_these_roles(users: Users, server: str) -> No
     assert compose["worker"]["environment"]["CONVEYOR_REDIS_URL"].startswith("redis://conveyor-worker:")
     assert compose["flower"]["environment"]["CONVEYOR_REDIS_URL"].startswith("redis://conveyor-monitor:")
     assert "user conveyor-worker reset on >%s %s" in " ".join(compose["redis"]["command"])
+
+
+def test_the_users_command(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from producers.cli import app
+
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", server)  # a login allowed ACL SETUSER
+    run = CliRunner().invoke
+    added = run(app, ["users", "add", "team-z", "--role", "producer", "--tenant", "team-z"])
+    assert added.exit_code == 0, added.output
+    made = json.loads(added.output)
+    assert made["env"].endswith("CONVEYOR_TENANT=team-z") and redis.Redis.from_url(made["redis_url"]).ping()
+    listed = json.loads(run(app, ["users", "list"]).output)
+    rules = next(u["rules"] for u in listed if u["user"] == "team-z")
+    assert "~celery-task-meta-team-z:*" in rules and "#" not in rules  # no password hash shown
+    assert "~celery-task-meta-team-z:*" in run(app, ["users", "rules", "producer", "--tenant", "team-z"]).output
+    bad = run(app, ["users", "add", "x", "--role", "root"])
+    assert bad.exit_code == 2 and "unknown role 'root'" in bad.output
+    bad = run(app, ["users", "add", "default", "--role", "admin"])
+    assert bad.exit_code == 2 and "not 'default'" in bad.output
+    assert json.loads(run(app, ["users", "remove", "team-z"]).output)["removed"] is True
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(made["redis_url"]).ping()
 
 
 # -- real processes with their roles ----------------------------------------------------------------
