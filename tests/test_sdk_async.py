@@ -108,6 +108,8 @@ def test_records_published_by_celerys_backend_resolve_waits_at_once(url: str) ->
             order = [h.id async for h in client.as_completed(handles, timeout=20)]
             await writing
             results = await client.wait_all(handles, timeout=1, return_exceptions=True)
+            again = await client.wait_all([client.job(h.id) for h in handles], timeout=0, return_exceptions=True)
+            assert [type(r) for r in again] == [type(r) for r in results]
             assert set(order) == {h.id for h in handles} and set(order[:3]) == set(early)
             with pytest.raises(JobFailed) as raised:
                 await client.wait_all(handles, timeout=1)
@@ -175,6 +177,10 @@ def test_sync_wait_all_and_as_completed_over_one_subscriber(url: str) -> None:
         results = client.wait_all(handles, timeout=5)
         assert [r.model_dump()["v"] for r in results if isinstance(r, BaseModel)] == [1] * 50 + [2] * 50
         assert handles[0].result_json(timeout=0.01)["v"] == 1  # answered from what as_completed read
+        fresh = [client.job(h.id) for h in handles]  # finished jobs: read at once, no subscription
+        subscribes = int(client.redis.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+        assert len(client.wait_all(fresh, timeout=0)) == 100
+        assert int(client.redis.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0)) == subscribes
 
         unknown = client.job(str(uuid.uuid4()))
         start = time.monotonic()

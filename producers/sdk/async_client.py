@@ -4,8 +4,9 @@ Waiting holds no thread: every wait of a client (``handle.result``, ``wait_all``
 is a future fed by one pub/sub connection subscribed to the jobs' result channels
 (``celery-task-meta-ID``, which Celery's Redis backend and Conveyor's result writer PUBLISH every
 record on), so a thousand concurrent waits cost one connection and no thread pool. The order
-that misses nothing is ``producers.sdk.waiting``'s: subscribe, await Redis's confirmation, read
-the record once, then take messages; pending records are re-read every ``RECHECK_S`` in case a
+that misses nothing is ``producers.sdk.waiting``'s: read the records (a finished job needs no
+subscription), subscribe to the others, await Redis's confirmation, read them again, then take
+messages; pending records are re-read every ``RECHECK_S`` in case a
 message was lost while the subscriber reconnected.
 
 Submitting runs the sync client's path (validation, admission, claims, Celery's own
@@ -78,10 +79,15 @@ class ResultListener:
             return remaining
 
         try:
-            try:
-                await asyncio.wait_for(self._subscribe([self.key(i) for i in futures.values()]), left())
-            except TimeoutError:
-                raise not_finished(len(pending), len(futures), timeout, [futures[f] for f in pending]) from None
+            await self._reread([self.key(i) for i in futures.values()])  # finished already: no subscription
+            for future in [f for f in pending if f.done()]:
+                pending.discard(future)
+                yield futures[future], future.result()
+            if pending:
+                try:
+                    await asyncio.wait_for(self._subscribe([self.key(futures[f]) for f in pending]), left())
+                except TimeoutError:
+                    raise not_finished(len(pending), len(futures), timeout, [futures[f] for f in pending]) from None
             while pending:
                 done, pending = await asyncio.wait(pending, timeout=left(), return_when=asyncio.FIRST_COMPLETED)
                 for future in done:

@@ -3,9 +3,10 @@ backend's pub/sub: Celery's Redis backend PUBLISHes every record it writes on a 
 like its key (``celery-task-meta-ID``; Conveyor's result writer does the same). One subscriber
 connection serves every handle of a call, whatever their number:
 
-1. SUBSCRIBE to each job's channel and wait for Redis to confirm: from then on, a record
+0. read every record (pipelined GETs): jobs already finished need no subscription;
+1. SUBSCRIBE to each other job's channel and wait for Redis to confirm: from then on, a record
    written is a message to us;
-2. read every record once (pipelined GETs): jobs that finished before (1) are found here;
+2. read those records once more: jobs that finished between (0) and (1) are found here;
 3. take messages as they come; re-read the still pending records every ``RECHECK_S``, so a
    message lost while the subscriber reconnected costs a second, not the whole timeout.
 """
@@ -65,15 +66,19 @@ def ready_records(client: Client, ids: Sequence[str], timeout: float | None) -> 
                     found.append((key, meta))
         return found
 
+    for key, meta in reread():  # finished before the call: found without a subscription
+        yield pending.pop(key), meta
     if not pending:
         return
+    left()  # a timeout of 0 (or one spent meanwhile): what was found, then TimeoutError
     pubsub = client.redis.pubsub()
     try:
-        for chunk in _chunks(list(pending)):
+        watched = list(pending)
+        for chunk in _chunks(watched):
             pubsub.subscribe(*chunk)
         messages: list[dict[str, Any]] = []
         confirmed = 0
-        while confirmed < total:
+        while confirmed < len(watched):
             message = pubsub.get_message(timeout=left())
             if message is not None and message["type"] == "subscribe":
                 confirmed += 1
