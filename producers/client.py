@@ -193,6 +193,11 @@ class Client:
         from producers.tabular import TextOptions
         from shared.kinds import KINDS
 
+        if self._tenant is not None:  # (its chunk ids are its own, and it reads the queues and unacked)
+            raise ValueError(
+                "bulk scoring finds lost chunks by reading the bulk queue and kombu's unacked hash, which a "
+                f"tenant's Redis user may not: run it without CONVEYOR_TENANT, as the admin (tenant {self.tenant!r})"
+            )
         scorable = [name for name, spec in KINDS.items() if spec.scorable]
         if job_type not in scorable:
             raise ValueError(f"cannot score {job_type!r} jobs; one of {', '.join(scorable)}")

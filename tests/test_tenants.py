@@ -78,6 +78,8 @@ def test_the_sdk_stamps_the_tenant_on_ids_and_keys(url: str, db: redis.Redis) ->
         client.submit(job(id="beta:theirs"))
     with pytest.raises(ValueError, match="is not tenant 'acme'"):
         client.cancel("beta:theirs")
+    with pytest.raises(ValueError, match="bulk scoring finds lost chunks"):
+        client.score("classify", "in.csv", "out.csv", "text", labels=["x", "y"])
     client.close()
     with pytest.raises(ValueError, match="tenant name"):
         TenantGate(lambda: db, "Not A Tenant", Settings())
