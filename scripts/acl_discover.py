@@ -3,9 +3,10 @@ roles in producers/tenancy/roles.py.
 
 Starts an embedded Redis with one user per role, each allowed everything (``+@all ~* &*``), runs the
 real processes, each logged in as its role's user (a worker serving whole jobs, Flower with its pages
-read, the exporter scraped, the SDK submitting as a tenant, the admin CLI), and records every command
-through ``MONITOR``, attributing each connection to its user through ``CLIENT LIST``. Prints, per
-role, each command with the key shapes (ids and hostnames folded) and channels it touched.
+read, the exporter scraped, both as `conveyor up` runs them, the SDK submitting as a tenant, the admin
+CLI's calls), and records every command through ``MONITOR``, attributing each connection to its user
+through ``CLIENT LIST`` (a script's own commands to its caller). Prints, per role, each command with
+the key shapes (ids and hostnames folded) and channels it touched.
 
     python scripts/acl_discover.py [--out FILE.json]
 
@@ -133,8 +134,9 @@ def main() -> int:
         flower_port, metrics_port = free_port(), free_port()
         spawn("monitor", [sys.executable, "-m", "producers.flower_secure", "-A", "producers.flower_app", "flower",
                           f"--port={flower_port}", "--address=127.0.0.1", "--persistent=False"],
-              FLOWER_BASIC_AUTH="mon:pw")  # fmt: skip
-        spawn("monitor", [sys.executable, "-m", "producers.exporter", "--port", str(metrics_port)],
+              FLOWER_BASIC_AUTH="mon:pw", CONVEYOR_FLOWER_WATCH_ONLY="1")  # fmt: skip
+        spawn("monitor", [sys.executable, "-m", "producers.tenancy.monitor_process", "producers.exporter",
+                          "--port", str(metrics_port)],
               CONVEYOR_METRICS_AUTH="false")  # fmt: skip
         from producers.client import Client
         from shared.jobs import ClassifyJob
