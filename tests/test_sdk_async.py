@@ -28,6 +28,7 @@ from producers.client import AsyncClient as ReExported
 from producers.client import Client, JobHandle
 from producers.local_redis import LocalRedis
 from producers.sdk.async_client import AsyncClient, AsyncJobHandle
+from producers.sdk.waiting import JobsNotFinished
 from producers.tenancy.users import create_user, user_url
 from shared.celery_config import celery_config
 from shared.errors import InvalidJob, JobFailed
@@ -201,11 +202,21 @@ def test_exists_tells_a_queued_job_from_an_unknown_id_at_once(url: str) -> None:
         start = time.monotonic()
         assert queued.exists() and explicit.exists() and not unknown.exists()
         assert time.monotonic() - start < 0.1
+        with pytest.raises(JobsNotFinished) as late:  # a timeout names the ids nobody submitted
+            client.wait_all([queued, unknown], timeout=0.3)
+        assert late.value.pending == [queued.id, unknown.id] and late.value.unknown == [unknown.id]
+        assert f"unknown to Conveyor (never submitted, or expired): {unknown.id}" in str(late.value)
         backend(url).store_result("finished-elsewhere", {"job_id": "finished-elsewhere"}, "SUCCESS")
         assert client.exists("finished-elsewhere")  # a job another Celery client sent, once it has a record
 
         async def main() -> tuple[bool, bool, str]:
             async with AsyncClient(url) as aclient:
+                with pytest.raises(JobsNotFinished) as late:
+                    await aclient.job(unknown.id).result(timeout=0.2)
+                assert late.value.unknown == [unknown.id]
+                with pytest.raises(JobsNotFinished) as late:
+                    await aclient.wait_all([aclient.job(queued.id)], timeout=0.2)
+                assert late.value.pending == [queued.id] and late.value.unknown == []
                 return (
                     await aclient.job(queued.id).exists(),
                     await aclient.exists(unknown.id),

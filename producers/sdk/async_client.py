@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from producers.client import Client, JobLike
 from producers.sdk.outcomes import JobStatus, Meta, decode, is_ready, outcome, result_json, status_from_meta, typed
 from producers.sdk.redis_async import async_redis_client
-from producers.sdk.waiting import CHUNK, RECHECK_S, not_finished
+from producers.sdk.waiting import CHUNK, RECHECK_S, UNKNOWN_CHECKS, JobsNotFinished, not_finished
 from shared.errors import JobFailed
 from shared.names import JOB_ID_KEY_PREFIX
 from shared.settings import Settings
@@ -208,8 +208,8 @@ class AsyncJobHandle:
         """The raw result object; raises JobFailed (the worker's error type and message), or
         TimeoutError when the job is not done within ``timeout`` seconds."""
         if self._ready is None:
-            async for _, meta in self.client.listener.ready([self.id], timeout):
-                self._ready = meta
+            async for handle in self.client.as_completed([self], timeout):
+                assert handle._ready is not None
         assert self._ready is not None
         return result_json(self.id, str(self._ready.get("status")), self._ready.get("result"))
 
@@ -269,10 +269,14 @@ class AsyncClient:
         by_id: dict[str, list[AsyncJobHandle]] = {}
         for handle in handles:
             by_id.setdefault(handle.id, []).append(handle)
-        async for job_id, meta in self.listener.ready(list(by_id), timeout):
-            for handle in by_id[job_id]:
-                handle._ready = meta
-                yield handle
+        try:
+            async for job_id, meta in self.listener.ready(list(by_id), timeout):
+                for handle in by_id[job_id]:
+                    handle._ready = meta
+                    yield handle
+        except JobsNotFinished as late:
+            unknown = [i for i in late.pending[:UNKNOWN_CHECKS] if not await self.exists(i)]
+            raise late.with_unknown(unknown) from None
 
     async def wait_all(
         self, handles: Iterable[AsyncJobHandle], timeout: float | None = None, *, return_exceptions: bool = False

@@ -34,9 +34,31 @@ def _chunks(items: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
         yield items[start : start + CHUNK]
 
 
-def not_finished(left: int, total: int, timeout: float | None, ids: Sequence[str]) -> TimeoutError:
-    sample = ", ".join(list(ids)[:3]) + (", ..." if len(ids) > 3 else "")
-    return TimeoutError(f"{left} of {total} jobs not finished within {timeout:g}s ({sample})")
+class JobsNotFinished(TimeoutError):
+    """Time ran out with jobs unfinished: ``pending`` names them; ``unknown``, those of the first
+    ``UNKNOWN_CHECKS`` that Conveyor has no record of (never submitted, or their results expired),
+    so a mistyped or stale id says so instead of looking slow."""
+
+    def __init__(self, pending: Sequence[str], total: int, timeout: float | None, unknown: Sequence[str] = ()) -> None:
+        self.pending, self.total, self.timeout, self.unknown = list(pending), total, timeout, list(unknown)
+        message = f"{len(self.pending)} of {total} jobs not finished within {timeout or 0:g}s ({_sample(self.pending)})"
+        if self.unknown:
+            message += f"; unknown to Conveyor (never submitted, or expired): {_sample(self.unknown)}"
+        super().__init__(message)
+
+    def with_unknown(self, unknown: Sequence[str]) -> JobsNotFinished:
+        return JobsNotFinished(self.pending, self.total, self.timeout, unknown)
+
+
+UNKNOWN_CHECKS = 10  # ids asked about at a timeout: two GETs each, only then
+
+
+def _sample(ids: Sequence[str]) -> str:
+    return ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+
+
+def not_finished(left: int, total: int, timeout: float | None, ids: Sequence[str]) -> JobsNotFinished:
+    return JobsNotFinished(list(ids), total, timeout)
 
 
 def ready_records(client: Client, ids: Sequence[str], timeout: float | None) -> Iterator[tuple[str, Meta]]:
@@ -110,10 +132,13 @@ def as_completed(client: Client, handles: Sequence[JobHandle], timeout: float | 
     by_id: dict[str, list[JobHandle]] = {}
     for handle in handles:
         by_id.setdefault(handle.id, []).append(handle)
-    for job_id, meta in ready_records(client, list(by_id), timeout):
-        for handle in by_id[job_id]:
-            handle._ready = meta  # its result() answers without asking Redis again
-            yield handle
+    try:
+        for job_id, meta in ready_records(client, list(by_id), timeout):
+            for handle in by_id[job_id]:
+                handle._ready = meta  # its result() answers without asking Redis again
+                yield handle
+    except JobsNotFinished as late:
+        raise late.with_unknown([i for i in late.pending[:UNKNOWN_CHECKS] if not client.exists(i)]) from None
 
 
 def wait_all(
