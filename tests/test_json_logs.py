@@ -221,3 +221,29 @@ def test_formatters_write_only_the_named_fields() -> None:
         logger.removeHandler(grab)
     assert captured[0].event == "job_failed" and captured[0].job_id == "y"  # type: ignore[attr-defined]
     assert not hasattr(captured[0], "kind")  # unknown fields are left out, not written as null
+
+
+def test_a_retry_and_an_outcome_are_one_record_each(
+    caplog: pytest.LogCaptureFixture, conveyor_env: dict[str, str]
+) -> None:
+    """The worker's hooks (workers/app.py) on the ingest's own objects: a retry is one job_retried
+    record, a job failed after its retries one job_failed record with the dead letter's reason."""
+    from types import SimpleNamespace
+
+    from workers import app as worker_app
+    from workers.envelope import Envelope
+    from workers.result_writer import Outcome
+
+    caplog.set_level(logging.INFO, logger="workers.app")
+    worker_app._on_retry(SimpleNamespace(id="job-r1", job_type="classify", attempts=2))
+    env = Envelope("{}", id="job-r1", task="conveyor.classify", queue="conveyor.classify")
+    failed = Outcome(env, "FAILURE", ConnectionError("lost the device"), 0.25, dead_letter="failed after 3 retries")
+    worker_app._on_outcome(None, failed)
+    worker_app._on_outcome(None, Outcome(env, "SUCCESS", {"results": [SECRET]}, 0.1))  # success: not logged here
+    records = [r for r in caplog.records if getattr(r, "job_id", None) == "job-r1"]
+    assert [r.event for r in records] == ["job_retried", "job_failed"], records  # type: ignore[attr-defined]
+    retried, dead = records
+    assert retried.retries == 2 and retried.kind == "classify"  # type: ignore[attr-defined]
+    assert dead.error_type == "ConnectionError" and dead.reason == "failed after 3 retries"  # type: ignore[attr-defined]
+    assert dead.kind == "classify" and dead.duration_s == 0.25  # type: ignore[attr-defined]
+    assert SECRET not in caplog.text

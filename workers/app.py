@@ -388,6 +388,12 @@ def _kind_of(task: str | None) -> str | None:
 
 
 def _on_retry(entry: Any) -> None:
+    try:  # one record per retry, beside the ingest's own line: the id and attempt as fields
+        job_id = printable(entry.id) if entry.id else None
+        job_event(log, logging.INFO, "job_retried", f"job {job_id} failed transiently; retry {entry.attempts}",
+                  job_id=job_id, kind=entry.job_type, retries=entry.attempts)  # fmt: skip
+    except Exception:
+        log.exception("could not log a retry")
     if process.metrics is not None:
         process.metrics.retried(entry.job_type)
 
