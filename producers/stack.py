@@ -29,7 +29,7 @@ from typing import Any
 
 from producers.local_redis import LocalRedis, free_port, port_is_free, private_dir, write_private
 from producers.tenancy.monitor_process import READ_ONLY_USERS_ENV, WATCH_ONLY_ENV
-from shared.log_format import configure_logging, rotating_file
+from shared.log_format import configure_logging, drain_pumps, rotating_file
 from shared.settings import REDIS_URL_FILE, Settings
 from shared.supervisor import Child, ChildSpec, Supervisor, open_private_log
 
@@ -307,6 +307,7 @@ class Stack:
 
     def stop(self) -> None:
         self.supervisor.stop()
+        drain_pumps()  # the children's last lines reach their log files before this process exits
         home = self.settings.home
         if self.redis is not None:
             (home / REDIS_URL_FILE).unlink(missing_ok=True)

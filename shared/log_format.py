@@ -180,6 +180,7 @@ class OutputPump:
 
     def start(self) -> OutputPump:
         self.thread.start()
+        _PUMPS[:] = [p for p in _PUMPS if p.thread.is_alive()] + [self]
         return self
 
     def _run(self) -> None:
@@ -218,6 +219,19 @@ class OutputPump:
                 ensure_ascii=False,
             )  # fmt: skip
         self.handler.emit(logging.makeLogRecord({"msg": text, "args": ()}))
+
+
+_PUMPS: list[OutputPump] = []
+
+
+def drain_pumps(timeout: float = 2.0) -> None:
+    """Wait (up to ``timeout`` in all) for the pumps of children that have exited to write their
+    last lines: a supervisor calls it after stopping its children, before it exits."""
+    deadline = time.monotonic() + timeout
+    for pump in list(_PUMPS):
+        pump.thread.join(max(0.0, deadline - time.monotonic()))
+        if not pump.thread.is_alive():
+            _PUMPS.remove(pump)
 
 
 def _is_json_object(text: str) -> bool:
