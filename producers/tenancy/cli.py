@@ -90,7 +90,7 @@ def users_rules(
 ) -> None:
     """The ACL rules a role gets (for an ACL file of a Redis that Conveyor does not run)."""
     try:
-        _print(role_rules(role, tenant, db).acl_args())
+        _print(role_rules(role, tenant, db).acl_args(newer=()))
     except ValueError as exc:
         _fail(str(exc), 2)
 

@@ -45,16 +45,11 @@ REPLICATED_MARKER: Final = "conveyor:replicated"  # producers SET it before WAIT
 GATEWAY_KEY_PREFIX: Final = "conveyor:gateway:"
 
 # Every client: the handshake redis-py sends, and the database in the URL.
-_CONNECTION = (
-    "hello",
-    "ping",
-    "select",
-    "client|setname",
-    "client|getname",
-    "client|id",
-    "client|setinfo",
-    "client|maint_notifications",
-)
+_CONNECTION = ("hello", "ping", "select", "client|setname", "client|getname", "client|id")
+# What redis-py sends on connect and shrugs off when refused, in Redis versions that have them: Redis 7
+# refuses a rule naming a subcommand it does not know (6.2 takes any), so ``create_user`` drops those
+# its server lacks, and static configs (compose.yaml) leave them out.
+NEWER_SUBCOMMANDS: Final = ("client|setinfo", "client|maint_notifications")
 _TRANSACTIONS = ("multi", "exec", "discard", "watch", "unwatch")
 
 _PRODUCER_COMMANDS = (
@@ -113,13 +108,14 @@ class Rules:
     channels: tuple[str, ...]
     selectors: tuple[str, ...] = field(default=())
 
-    def acl_args(self) -> list[str]:
-        """The rules as ``ACL SETUSER`` arguments (after the user's name and password)."""
+    def acl_args(self, newer: Sequence[str] = NEWER_SUBCOMMANDS) -> list[str]:
+        """The rules as ``ACL SETUSER`` arguments (after the user's name and password); ``newer``: the
+        connection subcommands of NEWER_SUBCOMMANDS to grant too (none for a config any Redis reads)."""
         return [
             "resetkeys",
             "resetchannels",
             "-@all",
-            *(c if c[0] in "+-" else f"+{c}" for c in self.commands),
+            *(c if c[0] in "+-" else f"+{c}" for c in (*self.commands, *newer)),
             *(f"~{k}" for k in self.keys),
             *(f"&{c}" for c in self.channels),
             *self.selectors,
@@ -211,14 +207,14 @@ def role_rules(role: str, tenant: str | None = None, db: int = 0, selectors: boo
     raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLE_NAMES)}")
 
 
-def setuser_args(password: str, rules: Rules) -> list[str]:
+def setuser_args(password: str, rules: Rules, newer: Sequence[str] = NEWER_SUBCOMMANDS) -> list[str]:
     """``ACL SETUSER NAME <these>``: a fresh user (reset), on, with one password and the rules."""
-    return ["reset", "on", f">{password}", *rules.acl_args()]
+    return ["reset", "on", f">{password}", *rules.acl_args(newer)]
 
 
 def acl_file_line(user: str, password: str, rules: Rules) -> str:
-    """One line of a Redis ACL file (compose.yaml's users), the same rules."""
-    return " ".join(["user", user, *setuser_args(password, rules)])
+    """One line of a Redis ACL file, the same rules, for any Redis version."""
+    return " ".join(["user", user, *setuser_args(password, rules, newer=())])
 
 
 def user_names(rows: Sequence[str]) -> list[str]:

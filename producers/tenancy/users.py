@@ -10,6 +10,7 @@ tenant).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import Final
@@ -17,7 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
-from producers.tenancy.roles import role_rules, setuser_args
+from producers.tenancy.roles import NEWER_SUBCOMMANDS, role_rules, setuser_args
 from shared.settings import Settings
 
 USERS_FILE: Final = "redis.users.json"  # the stack's own users: name -> password (0600)
@@ -27,6 +28,7 @@ STACK_USERS: Final = {
     "admin": "conveyor-admin",
     "gateway": "conveyor-gateway",
 }
+_UNKNOWN_RULE = re.compile(r"modifier '\+([a-z_|]+)': Unknown command")
 USER_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-.")
 
 
@@ -67,7 +69,16 @@ def create_user(
     check_user_name(name)
     password = password or secrets.token_urlsafe(24)
     rules = role_rules(role, tenant, db, selectors=server_major(admin) >= 7)
-    admin.execute_command("ACL", "SETUSER", name, *setuser_args(password, rules))
+    newer = list(NEWER_SUBCOMMANDS)
+    while True:
+        try:
+            admin.execute_command("ACL", "SETUSER", name, *setuser_args(password, rules, newer))
+            break
+        except redis.ResponseError as exc:  # Redis 7 refuses a subcommand it does not have: drop it
+            unknown = _UNKNOWN_RULE.search(str(exc))
+            if unknown is None or unknown[1] not in newer:
+                raise
+            newer.remove(unknown[1])
     save(admin)
     return password
 
