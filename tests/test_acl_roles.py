@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -419,3 +420,35 @@ def test_tenants_and_roles_with_real_processes(server: str, users: Users, stack:
     finally:
         acme.close()
         beta.close()
+
+
+@pytest.mark.slow
+def test_a_training_job_runs_with_the_worker_role(
+    server: str, users: Users, conveyor_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Celery's own task path (the training intake hands the job to Celery's worker) under the worker role."""
+    from shared.jobs import TrainJob
+
+    interactions = tmp_path / "interactions.csv"
+    rows = [f"u{u},i{(u * 7 + k) % 23}" for u in range(30) for k in range(4)]
+    interactions.write_text("user,item\n" + "\n".join(rows) + "\n")
+    redis.Redis.from_url(server).acl_log_reset()
+    worker = WorkerProcess(
+        {**conveyor_env, "CONVEYOR_REDIS_URL": users["w"]}, tmp_path / "train.log", ["--only", "training"]
+    )
+    acme = Client(redis_url=users["acme"], tenant="acme")
+    try:
+        handle = acme.submit(TrainJob(interactions_path=str(interactions), output_name="acl-als", model_type="als"))
+        assert handle.id.startswith("acme:")
+        result = handle.result_json(timeout=240)
+        assert result["type"] == "train", result
+        theirs = [
+            e for e in acl_log(server) if e.get("username") == "w" and not str(e.get("object")).startswith("config")
+        ]
+        assert not theirs, [(e["reason"], e["object"], e["context"]) for e in theirs]
+    except Exception:
+        print(worker.tail())
+        raise
+    finally:
+        acme.close()
+        worker.stop()
