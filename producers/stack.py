@@ -254,6 +254,9 @@ class Stack:
             )
         )  # fmt: skip
         self.flower_url = f"http://127.0.0.1:{port}/"
+        self.notes.append(
+            f"Flower's read-only login: {monitor_user}, password in {self.settings.home / FLOWER_MONITOR_PASSWORD_FILE}"
+        )
         _wait_for_http(f"{self.flower_url}healthcheck", child, timeout=90.0, what="Flower")
 
     def _start_exporter(self, env: dict[str, str]) -> None:
