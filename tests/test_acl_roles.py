@@ -243,6 +243,10 @@ def test_the_users_command(server: str, monkeypatch: pytest.MonkeyPatch) -> None
     assert bad.exit_code == 2 and "unknown role 'root'" in bad.output
     bad = run(app, ["users", "add", "default", "--role", "admin"])
     assert bad.exit_code == 2 and "not 'default'" in bad.output
+    redis.Redis.from_url(server).zadd("conveyor:quota:team-z:queued", {"team-z:lost": 1})  # a purged queue's count
+    assert json.loads(run(app, ["users", "quota", "team-z"]).output)["queued"] == 1
+    shown = json.loads(run(app, ["users", "quota", "team-z", "--reset-queued", "--max-queued", "7"]).output)
+    assert (shown["queued"], shown["max_queued"]) == (0, 7)
     assert json.loads(run(app, ["users", "remove", "team-z"]).output)["removed"] is True
     with pytest.raises(redis.AuthenticationError):
         redis.Redis.from_url(made["redis_url"]).ping()

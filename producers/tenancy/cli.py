@@ -13,10 +13,10 @@ import redis
 import typer
 
 from producers.tenancy.roles import ROLE_NAMES, role_rules
-from producers.tenancy.users import create_user, db_of, remove_user, superuser_url, user_url
+from producers.tenancy.users import create_user, db_of, remove_user, save, superuser_url, user_url
 from shared.redis_connect import redis_client
 from shared.settings import Settings
-from shared.tenant_keys import TENANTS_KEY, quota_key
+from shared.tenant_keys import TENANTS_KEY, queued_key, quota_key
 from shared.tenants import check_tenant
 
 users_app = typer.Typer(help="Redis users with least privilege (roles), and tenants' quotas.", no_args_is_help=True)
@@ -60,7 +60,9 @@ def users_add(
         _fail(str(exc), 2)
     except redis.RedisError as exc:
         _fail(f"could not create the user ({type(exc).__name__}: {exc}); it takes a login allowed ACL SETUSER")
-    out = {"user": name, "role": role, "tenant": tenant, "redis_url": user_url(url, name, password)}
+    out: dict[str, Any] = {"user": name, "role": role, "tenant": tenant, "redis_url": user_url(url, name, password)}
+    if not save(client):  # no ACL file: the user lasts until that Redis restarts
+        out["note"] = "this Redis has no ACL file: add `conveyor users rules` to its configuration to keep the user"
     if tenant:
         out["env"] = f"CONVEYOR_REDIS_URL='{out['redis_url']}' CONVEYOR_TENANT={tenant}"
     _print(out)
@@ -100,6 +102,9 @@ def users_quota(
     tenant: str,
     max_queued: Annotated[int | None, typer.Option(min=1, help="Jobs submitted and not yet taken by a worker.")] = None,
     max_jobs_per_s: Annotated[int | None, typer.Option(min=1, help="Jobs submitted in one second.")] = None,
+    reset_queued: Annotated[
+        bool, typer.Option(help="Forget the tenant's queued count (after its queue was purged by hand).")
+    ] = False,
 ) -> None:
     """Set (or, with no option, show) a tenant's quotas; unset ones take the CONVEYOR_TENANT_* defaults."""
     try:
@@ -108,6 +113,8 @@ def users_quota(
         _fail(str(exc), 2)
     client, _ = _superuser()
     client.sadd(TENANTS_KEY, tenant)
+    if reset_queued:
+        client.delete(queued_key(tenant))
     for field, value in (("max_queued", max_queued), ("max_jobs_per_s", max_jobs_per_s)):
         if value is not None:
             client.hset(key, field, value)
@@ -115,6 +122,7 @@ def users_quota(
     held = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in client.hgetall(key).items()}
     _print({
         "tenant": tenant,
+        "queued": int(client.zcard(queued_key(tenant))),
         "max_queued": held.get("max_queued", settings.tenant_max_queued),
         "max_jobs_per_s": held.get("max_jobs_per_s", settings.tenant_max_jobs_per_s),
     })  # fmt: skip
