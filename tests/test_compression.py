@@ -4,6 +4,7 @@ an evaluation lands in the version's metadata; a method that does not apply fail
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -157,3 +158,36 @@ def test_jobs_that_cannot_apply_fail_with_clear_errors(
         with pytest.raises(JobFailed, match=message):
             handle.result(timeout=300)
     assert [v.version for v in store.versions("lifecycle-recs")] == [1]  # nothing was published
+
+
+def test_whisper_compresses_to_int8_with_its_word_error_rate_beside_the_parents(
+    client: Client, training_worker: Any, worker: Any, prepared_models: Path, tmp_path: Path
+) -> None:
+    from conftest import SHARED_DATA
+
+    from shared.jobs import TranscribeJob
+    from shared.results import TranscribeResult
+
+    speech = SHARED_DATA / "speech"
+    if not (speech / "transcripts.tsv").exists():
+        pytest.skip(f"{speech} missing")
+    with (speech / "transcripts.tsv").open(newline="") as f:
+        rows = sorted(csv.DictReader(f, delimiter="\t"), key=lambda r: float(r["duration_s"]))[:2]  # the shortest
+    data = tmp_path / "clips.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["audio", "text"])
+        writer.writerows((str(speech / r["file"]), r["transcript"]) for r in rows)
+    # Its own name: the session's whisper-tiny.en@latest stays the fp32 one other tests use.
+    job = CompressJob(model="whisper-tiny.en", eval_path=str(data), target_name="whisper-int8-test", latency_seconds=0)
+    result = client.submit(job).result(timeout=900)
+    assert isinstance(result, TrainingResult) and result.model == "whisper-int8-test@1"
+    assert 0.0 <= result.metrics["wer"] <= 0.5 and abs(result.metrics["wer_delta"]) <= 0.2
+    record = ModelStore(prepared_models).resolve(result.model).metadata["compression"]
+    assert record["comparison"]["parent"]["reference_words"] > 5 and record["weights"]["layers_quantized"] > 20
+    assert record["latency"] is None  # latency_seconds=0: not measured
+    served = client.submit(TranscribeJob(audio_path=str(speech / rows[0]["file"]), model=result.model)).result(
+        timeout=300
+    )
+    assert isinstance(served, TranscribeResult) and served.meta.model == result.model
+    assert len(served.text.split()) >= 3
