@@ -211,6 +211,36 @@ def test_the_digest_survives_the_wire(texts: list[str], priority: int, key: str 
     assert job_digest(wire[0][0]) == job_digest(sent.model_dump(mode="json"))
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(claim=st.binary(max_size=80), job_id=st.text(max_size=60))
+def test_any_claim_but_the_digest_is_refused(db: redis.Redis, claim: bytes, job_id: str) -> None:
+    """Whatever a claim holds (bytes that are not UTF-8 included) and whatever the id, the check answers
+    with a reason or None, never an exception, and None only for the payload's own digest."""
+    data = job().model_dump(mode="json")
+    tenant_id = "acme:" + job_id.encode("utf-8", "replace").hex()[:40]
+    db.set(claim_key(tenant_id), claim)
+    answer = claim_refusal(db, tenant_id, data)
+    assert (answer is None) == (claim == job_digest(data).encode())
+    assert isinstance(claim_refusal(db, job_id, data), str | None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw_id=st.text(max_size=220), key=st.none() | st.text(min_size=1, max_size=220))
+def test_stamping_any_id_gives_the_prefix_or_a_clear_error(raw_id: str, key: str | None) -> None:
+    gate = TenantGate(lambda: redis.Redis(), "acme", Settings())  # stamp() itself never calls Redis
+    try:
+        source = ClassifyJob(id=raw_id, texts=["t"], labels=["x", "y"], idempotency_key=key)
+    except ValueError:
+        return  # the schema refuses it before any tenant is involved
+    try:
+        stamped = gate.stamp(source)
+    except ValueError as exc:
+        assert "belongs to tenant" in str(exc) or "too long" in str(exc)
+        return
+    assert stamped.id.startswith("acme:") and (key is None or str(stamped.idempotency_key).startswith("acme:"))
+    assert ClassifyJob.model_validate(stamped.model_dump()).id == stamped.id  # still a valid job
+
+
 # -- `conveyor up` and `conveyor users` --------------------------------------------------------------
 @pytest.mark.slow
 def test_up_gives_each_process_its_own_user_and_users_add_makes_a_tenant(tmp_path: Path) -> None:
