@@ -35,6 +35,7 @@ from shared.kinds import parse_job
 from shared.names import CANCEL_KEY_PREFIX, JOB_ID_KEY_PREFIX, QUEUES, TASKS, priority_lists
 from shared.redis_clients import reuse_redis_clients
 from shared.redis_connect import redis_client
+from shared.replication import confirm_replicated
 from shared.settings import Settings
 from shared.tenant_keys import claim_key
 from shared.tenants import tenant_of
@@ -139,6 +140,10 @@ class Client:
             if self._tenant is not None:
                 self._tenant.release([i for i in fresh if i not in set(sent)])
             raise
+        if sent:  # NotReplicated: queued on the master, not yet on enough replicas (CONVEYOR_WAIT_REPLICAS)
+            confirm_replicated(
+                self.redis, self.settings.wait_replicas, self.settings.wait_timeout_ms, f"{len(sent)} jobs"
+            )
         return handles
 
     def _publish(

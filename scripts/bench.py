@@ -692,12 +692,20 @@ def main() -> None:
         from bench_gateway import main as bench_gateway
 
         sys.exit(bench_gateway(sys.argv[2:]))
+    if sys.argv[1:2] == ["idle"]:  # idle workers' Redis cost and the wake-up: scripts/bench_idle.py
+        from bench_idle import main as bench_idle
+
+        sys.exit(bench_idle(sys.argv[2:]))
+    if sys.argv[1:2] == ["sentinel"]:  # WAIT's cost, and a failover under load: scripts/bench_sentinel.py
+        from bench_sentinel import main as bench_sentinel
+
+        sys.exit(bench_sentinel(sys.argv[2:]))
     if sys.argv[1:2] == ["commands"]:  # Redis commands per job: scripts/bench_commands.py
         from bench_commands import main as bench_commands
 
         sys.exit(bench_commands(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benches = ["classify", "transcribe", "recommend", "overhead", "score", "commands", "kind"]
+    benches = ["classify", "transcribe", "recommend", "overhead", "score", "commands", "kind", "idle", "sentinel"]
     parser.add_argument("kind", choices=benches)
     parser.add_argument("name", nargs="?", default="sentiment", help="with kind: a kind whose items are texts")
     parser.add_argument("--rounds", type=int, default=3)

@@ -94,3 +94,10 @@ def describe_validation_error(exc: Exception) -> str:
         where = ".".join(str(p) for p in err.get("loc", ())) or "job"
         lines.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(lines)
+
+
+class NotReplicated(ConveyorError):
+    """Raised at submit with CONVEYOR_WAIT_REPLICAS: the master acknowledged the jobs but fewer replicas
+    than asked confirmed them in time; they are queued, and may run, unless a failover loses them."""
+
+    retryable = True

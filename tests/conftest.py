@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +100,13 @@ def conveyor_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_dir(conveyor_home: Path) -> Path:
     path = conveyor_home / "models"
     path.mkdir(exist_ok=True)
+    # A developer's shortcut: CONVEYOR_TEST_MODELS=DIR seeds the store with models built earlier
+    # (copies), so `models prepare` skips them. CI leaves it unset and builds them.
+    seed = os.environ.get("CONVEYOR_TEST_MODELS")
+    if seed and not IN_CI:
+        for entry in Path(seed).iterdir():
+            if entry.is_dir() and not (path / entry.name).exists():
+                shutil.copytree(entry, path / entry.name, symlinks=True)
     return path
 
 

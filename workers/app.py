@@ -216,6 +216,8 @@ def _start_ingest(hostname: str) -> None:
             [q for q in process.ingest_queues if q in INFERENCE_QUEUES],
             [q for q in process.ingest_queues if q in BULK_QUEUES.values()],
         ),  # fmt: skip
+        wait_replicas=settings.wait_replicas,
+        wait_timeout_ms=settings.wait_timeout_ms,
         revoked=worker_state.revoked,
         on_active=_on_active,
         on_outcome=_on_outcome,
@@ -266,6 +268,8 @@ def _start_training_intake(hostname: str) -> None:
         accept=handoff.idle,
         idle_poll_s=max(0.05, settings.idle_poll_ms / 1000.0),
         wakeup=_wakeup(hostname, [TRAINING_QUEUE], []),
+        wait_replicas=settings.wait_replicas,
+        wait_timeout_ms=settings.wait_timeout_ms,
         revoked=worker_state.revoked,
         on_outcome=_on_outcome,  # a training message refused at intake is logged and counted too
     ).start()

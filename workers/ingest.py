@@ -413,6 +413,8 @@ class Ingest:
         accept: Callable[[], bool] | None = None,
         idle_poll_s: float = 0.005,
         wakeup: Wakeup | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
         revoked: Container[str] = frozenset(),
         on_active: Callable[[InFlight, bool], None] | None = None,
         on_outcome: Callable[[InFlight | None, Outcome], None] | None = None,
@@ -441,7 +443,9 @@ class Ingest:
         self._bulk_queues = frozenset(bulk_queues)
         self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY]
         self._pop = client.register_script(pop_script(self._lists))
-        self.writer = ResultWriter(writer_client, hostname, result_ttl_s, events, self._written)
+        self.writer = ResultWriter(
+            writer_client, hostname, result_ttl_s, events, self._written, wait_replicas, wait_timeout_ms
+        )
         self._inflight: dict[int, InFlight] = {}  # id(job) -> entry
         self._items = 0  # items of the interactive jobs held, until their results are written
         self._bulk = 0  # bulk messages held: at most BULK_IN_FLIGHT, so one is ready when one ends

@@ -28,6 +28,7 @@ from celery.utils.saferepr import saferepr
 from shared import dead_letters
 from shared.dead_letters import DeadLetter, raw_message_text
 from shared.names import DELIVERIES_KEY_PREFIX
+from shared.replication import wait_for_replicas
 from shared.wire_text import printable, wire_bytes
 from workers.envelope import Envelope
 from workers.task_events import TaskEvents
@@ -93,10 +94,13 @@ class ResultWriter:
         result_ttl_s: int,
         events: TaskEvents,
         on_written: Callable[[list[Outcome]], None],
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
         self.hostname = hostname
         self.ttl = result_ttl_s
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.events = events
         self.on_written = on_written
         self._queue: deque[Outcome] = deque()
@@ -211,8 +215,19 @@ class ResultWriter:
                 pipe.zrem(UNACKED_INDEX_KEY, env.tag)
                 pipe.hdel(UNACKED_KEY, env.tag)
         pipe.execute()
+        if self.wait_replicas:
+            self._confirm_replicated(len(batch))
         if any(o.dead_letter is not None for o in batch):
             dead_letters.trim(self.client)  # bounded: a flood of garbage cannot fill Redis
+
+    def _confirm_replicated(self, n: int) -> None:
+        # The results and acknowledgements are one transaction, replicated in order: a failover
+        # that loses them loses both, and the job runs again. WAIT narrows that window to zero
+        # for what the writer has moved past (a reader may still have seen a result on the old master).
+        got = wait_for_replicas(self.client, self.wait_replicas, self.wait_timeout_ms)
+        if got < self.wait_replicas:
+            log.warning("%d results reached %d of %d replicas within %d ms", n, got, self.wait_replicas,
+                        self.wait_timeout_ms)  # fmt: skip
 
     def _value(self, o: Outcome, done: str) -> bytes:
         meta = self._meta(o, done)
