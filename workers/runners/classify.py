@@ -10,6 +10,7 @@ batch only pads the ids. The token counts are the batcher's cost, so nothing is 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ EMBED_MAX_TOKENS = 256  # what all-MiniLM-L6-v2 was trained with
 # Softmax temperature that turns cosine similarities into probabilities over the given labels.
 ZERO_SHOT_TEMPERATURE = 0.05
 LABEL_CACHE_SIZE = 4096
+# Zero-shot looks up the embedder's name again at most this often: a publish under it (a
+# compressed all-MiniLM-L6-v2@1) is served from the next batch after, without a restart.
+EMBEDDER_RECHECK_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +81,9 @@ class ClassifyRunner:
         self.dtype = model_dtype(device)
         # The zero-shot embedder: all-MiniLM-L6-v2's newest version (or the built-in), or the one given.
         self._embedder_version = embedder or store.resolve(EMBEDDER)
-        self.encoder = TextEncoder(self._embedder_version.path)
+        self._embedder_fixed = embedder is not None
+        self._embedder_checked = time.monotonic()
+        self.encoder = TextEncoder(self._embedder_version.path)  # versions of the name share its tokenizer
         self._label_vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # -- loading -----------------------------------------------------------------------
@@ -90,6 +96,20 @@ class ClassifyRunner:
             return model.to(self.device).eval()
 
         return self.cache.get(path, load)
+
+    def refresh_embedder(self) -> None:
+        """Follow the embedder's name to its newest version (checked every ``EMBEDDER_RECHECK_S``);
+        called where a zero-shot batch starts, so one batch never mixes two embedders."""
+        if self._embedder_fixed or time.monotonic() - self._embedder_checked < EMBEDDER_RECHECK_S:
+            return
+        self._embedder_checked = time.monotonic()
+        try:
+            found = self.store.resolve(EMBEDDER)
+        except (InvalidJob, LookupError):
+            return  # gone from the store: keep serving the loaded one
+        if found.path != self._embedder_version.path:
+            self._embedder_version = found
+            self._label_vectors.clear()  # they were the previous embedder's
 
     def _classifier(self, version: ModelVersion) -> tuple[Any, Any]:
         path = str(version.path)
@@ -162,6 +182,7 @@ class ClassifyRunner:
         return torch.stack([self._label_vectors[s] for s in sentences])
 
     def _zero_shot(self, items: list[ClassifyItem]) -> list[dict[str, Any] | BaseException]:
+        self.refresh_embedder()
         missing = [n for n, item in enumerate(items) if item.ids is None]
         if missing:  # items built without ``encode`` (in-process callers)
             encoded = self.encode([items[n] for n in missing])
