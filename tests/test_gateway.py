@@ -21,12 +21,13 @@ import httpx
 import pytest
 import redis
 from conftest import ROOT, SHARED_DATA, WorkerProcess, empty_db
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producers.gateway.keys import KeyStore
 from producers.gateway.webhooks import SIGNATURE_HEADER, verify
 from producers.local_redis import free_port
+from producers.tenancy.users import create_user, db_of, user_url
 from shared.kinds import KINDS, TRAINING_TYPES
 from shared.supervisor import ChildSpec, spawn
 from shared.tenant_keys import quota_key
@@ -60,9 +61,21 @@ class GatewayProcess:
         self.child.stop(10)
 
 
+def gateway_user(redis_url: str) -> str:
+    """A Redis user with the ``gateway`` role (producers/tenancy/roles.py) and its URL: the tests'
+    gateways run with least privilege, as under `conveyor up`."""
+    admin = redis.Redis.from_url(redis_url)
+    name = f"gateway-test-{time.time_ns()}"
+    try:
+        password = create_user(admin, name, "gateway", db=db_of(redis_url))
+    finally:
+        admin.close()
+    return user_url(redis_url, name, password)
+
+
 def gateway_env(base: dict[str, str], redis_url: str, **extra: str) -> dict[str, str]:
     return {
-        **base, "CONVEYOR_REDIS_URL": redis_url,
+        **base, "CONVEYOR_REDIS_URL": gateway_user(redis_url),
         "CONVEYOR_GATEWAY_WEBHOOK_HOSTS": "127.0.0.1", "CONVEYOR_GATEWAY_WEBHOOK_SECRET": SECRET,
         "CONVEYOR_GATEWAY_WEBHOOK_BACKOFF_S": "0.2", "CONVEYOR_GATEWAY_WEBHOOK_ATTEMPTS": "3",
         "CONVEYOR_GATEWAY_MAX_BODY_KB": str(MAX_BODY_KB), "CONVEYOR_GATEWAY_RATE_PER_S": "100000",
@@ -75,6 +88,11 @@ def gateway(conveyor_env: dict[str, str], redis_url: str, worker: Any, tmp_path_
     proc = GatewayProcess(gateway_env(conveyor_env, redis_url), tmp_path_factory.mktemp("gw") / "gateway.log")
     yield proc.url
     proc.stop()
+    # Everything the gateway did was within its role: Redis logged no refusal of a gateway user.
+    admin = redis.Redis.from_url(redis_url)
+    refused = [e for e in admin.acl_log(128) if str(e.get("username", "")).startswith("gateway-test")]
+    admin.close()
+    assert not refused, refused
 
 
 @pytest.fixture(scope="module")
@@ -500,19 +518,19 @@ def hostile_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     return kind, body
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def hostile_key(keys: KeyStore) -> str:
+    return new_key(keys, "acme")
+
+
+@settings(max_examples=150, deadline=None)
 @given(case=hostile_bodies())
-def test_hostile_bodies_never_get_a_5xx(gateway: str, keys: KeyStore, case: tuple[str, bytes]) -> None:
+def test_hostile_bodies_never_get_a_5xx(gateway: str, hostile_key: str, case: tuple[str, bytes]) -> None:
     kind, body = case
-    global _HOSTILE_KEY
-    _HOSTILE_KEY = _HOSTILE_KEY or new_key(keys, "acme")
     r = httpx.post(
         f"{gateway}/v1/jobs/{kind}", content=body, timeout=30,
-        headers={"Authorization": f"Bearer {_HOSTILE_KEY}", "content-type": "application/json"},
+        headers={"Authorization": f"Bearer {hostile_key}", "content-type": "application/json"},
     )  # fmt: skip
     assert r.status_code == 202 or 400 <= r.status_code < 500, (r.status_code, r.text[:500])
     detail = r.json().get("detail") if r.status_code != 202 else "accepted"
     assert isinstance(detail, str) and detail, r.text[:500]
-
-
-_HOSTILE_KEY: str | None = None
