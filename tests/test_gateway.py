@@ -447,7 +447,7 @@ def test_one_refused_job_among_concurrent_submits_refuses_no_other(gateway: str,
     """Concurrent submits are published together (producers/gateway/publisher.py); a conflict on
     one idempotency key is that request's 409 alone."""
     key, idem = new_key(keys, "acme"), f"idem-{time.time_ns()}"
-    bodies = [{"texts": [f"text {i}"]} for i in range(30)]
+    bodies: list[dict[str, Any]] = [{"texts": [f"text {i}"]} for i in range(30)]
     bodies[7] = {"texts": ["first"], "idempotency_key": idem}
     bodies[20] = {"texts": ["another payload"], "idempotency_key": idem}
 
