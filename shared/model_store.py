@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InvalidJob, ModelNotFound
+from shared.errors import ConveyorError, InvalidJob, ModelNotFound
 
 METADATA_FILE = "conveyor.json"
 STAGING_DIR = ".staging"
@@ -196,8 +196,12 @@ class ModelStore:
         """Every alias move of NAME, oldest first: alias, from, to, by, at."""
         return list(self._alias_record(name)["history"])
 
-    def _alias_record(self, name: str) -> dict[str, Any]:
-        data = _read_json(self.root / _check_name(name) / ALIASES_FILE)
+    def _alias_record(self, name: str, writing: bool = False) -> dict[str, Any]:
+        path = self.root / _check_name(name) / ALIASES_FILE
+        data = _read_json(path)
+        if writing and not data and path.exists() and path.stat().st_size:
+            # Never rewrite what cannot be read: its history would be lost with it.
+            raise ConveyorError(f"{name}/{ALIASES_FILE} is not readable JSON; repair or move it first")
         aliases = data.get("aliases")
         history = data.get("history")
         return {
@@ -312,7 +316,7 @@ class ModelStore:
             if version not in self._version_dirs(name):
                 have = ", ".join(f"{name}@{n}" for n in sorted(self._version_dirs(name))) or "none"
                 raise ModelNotFound(f"model {name!r} has no version {version}; it has: {have}")
-            record = self._alias_record(name)
+            record = self._alias_record(name, writing=True)
             move = {
                 "alias": alias,
                 "from": record["aliases"].get(alias),
@@ -329,7 +333,7 @@ class ModelStore:
         """Drop ``NAME@alias`` (recorded as a move to None)."""
         check_alias(alias)
         with self.lock(name):
-            record = self._alias_record(name)
+            record = self._alias_record(name, writing=True)
             if alias not in record["aliases"]:
                 raise ModelNotFound(f"model {name!r} has no alias {alias!r}")
             move = {
@@ -366,7 +370,7 @@ class ModelStore:
             dirs = self._version_dirs(name)
             if version not in dirs:
                 raise ModelNotFound(f"model {name!r} has no version {version}")
-            held = sorted(a for a, v in self._alias_record(name)["aliases"].items() if v == version)
+            held = sorted(a for a, v in self._alias_record(name, writing=True)["aliases"].items() if v == version)
             if held:
                 names = ", ".join(f"{name}@{a}" for a in held)
                 raise InvalidJob(f"{name}@{version} is what {names} names; move the alias first")

@@ -242,3 +242,17 @@ def test_a_worker_follows_an_alias_move_without_a_restart(client: Any, worker: A
 
     with pytest.raises(JobFailed, match="no alias 'canary'"):
         missing.result(timeout=120)
+
+
+def test_an_unreadable_aliases_file_is_never_overwritten(tmp_path: Path) -> None:
+    from shared.errors import ConveyorError
+
+    store = ModelStore(tmp_path)
+    _publish(store, "clf", "one")
+    store.set_alias("clf", "production", 1)
+    path = tmp_path / "clf" / ALIASES_FILE
+    path.write_text('{"aliases": {"production": 1}, "history": [')  # torn by hand, or by another tool
+    for change in (lambda: store.set_alias("clf", "production", 1), lambda: store.remove("clf", 1)):
+        with pytest.raises(ConveyorError, match="not readable JSON"):
+            change()
+    assert path.read_text().endswith('"history": [') and store.versions("clf")  # left as it was
