@@ -260,6 +260,9 @@ def test_another_tenants_job_is_404_and_key_types_are_enforced(gateway: str, key
             assert response.status_code == 404 and "beta" in response.json()["detail"], response.text
         assert a.get(f"/v1/jobs/{job_id}/wait", params={"timeout": 60}).json()["state"] == "SUCCESS"
         assert b.get("/v1/jobs/a..b").status_code == 404  # not a job id at all
+        for response in (a.get("/v1/jobs/acme:never-submitted"), a.delete("/v1/jobs/acme:never-submitted"),
+                         a.get("/v1/jobs/acme:never-submitted/wait?timeout=0.2")):  # fmt: skip
+            assert response.status_code == 404 and "never-submitted" in response.json()["detail"], response.text
         refused = b.post("/v1/jobs/classify", json=INFERENCE_JOBS["classify"])
         assert refused.status_code == 403 and "ner" in refused.json()["detail"]
         own = b.post("/v1/jobs/ner", json=INFERENCE_JOBS["ner"])
@@ -295,7 +298,7 @@ def test_oversize_bodies_are_413_before_parsing(gateway: str, keys: KeyStore) ->
 def test_a_key_over_its_rate_gets_429_with_retry_after(gateway: str, keys: KeyStore) -> None:
     with http(gateway, new_key(keys, "acme", rate_per_s=0.5, burst=2)) as c:
         codes = [c.get("/v1/jobs/acme:nothing").status_code for _ in range(3)]
-        assert codes == [200, 200, 429]
+        assert codes == [404, 404, 429]  # an id nobody submitted, twice; then the key's rate
         limited = c.get("/v1/jobs/acme:nothing")
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         assert "rate" in limited.json()["detail"]

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -29,7 +28,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
-from producers.client import Client, JobHandle
+from producers.client import AsyncClient, Client, JobHandle
 from producers.gateway.body import read_bounded
 from producers.gateway.keys import ApiKey, KeyStore
 from producers.gateway.publisher import Publisher
@@ -40,6 +39,7 @@ from shared.errors import (
     ConveyorError,
     DuplicateJob,
     IdempotencyConflict,
+    JobFailed,
     QueueFull,
     QuotaExceeded,
     describe_validation_error,
@@ -53,8 +53,6 @@ from shared.tenants import tenant_of
 log = logging.getLogger("conveyor.gateway")
 
 API_PREFIX = "/v1/jobs"
-POLL_FIRST_S = 0.02  # a long poll looks again after this, then 1.5 x longer each time, up to POLL_MAX_S
-POLL_MAX_S = 0.25
 INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this are validated on the event loop, larger ones in a thread
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": what}
@@ -83,21 +81,25 @@ class Gateway:
         self.limiter = RateLimiter()
         self.webhooks = WebhookStore(self.redis, settings)
         self.publisher = Publisher(self.client)
-        self._clients: dict[str, Client] = {}
+        self._clients: dict[str, AsyncClient] = {}
         self._clients_lock = threading.Lock()
 
-    def client(self, tenant: str) -> Client:
-        """The SDK client of one tenant (made once): it gives the tenant's jobs their ``TENANT:`` ids
-        and idempotency keys, checks the tenant's quotas and writes its submit claims."""
+    def async_client(self, tenant: str) -> AsyncClient:
+        """The SDK clients of one tenant (made once): they give the tenant's jobs their ``TENANT:``
+        ids and idempotency keys, check its quotas and write its submit claims; the asyncio one
+        waits for results on one pub/sub connection (a long poll holds no thread)."""
         with self._clients_lock:
             found = self._clients.get(tenant)
             if found is None:
-                found = self._clients[tenant] = Client(settings=self.settings, tenant=tenant)
+                found = self._clients[tenant] = AsyncClient(settings=self.settings, tenant=tenant)
             return found
 
-    def close(self) -> None:
-        for c in self._clients.values():
-            c.close()
+    def client(self, tenant: str) -> Client:
+        return self.async_client(tenant).sync
+
+    async def close(self) -> None:
+        for c in list(self._clients.values()):
+            await c.close()
         self.redis.close()
 
     # -- each request -----------------------------------------------------------------------
@@ -126,6 +128,13 @@ class Gateway:
         if tenant_of(job_id) != key.tenant:
             raise HTTPException(404, f"no job {job_id!r} for tenant {key.tenant!r}")
         return JobHandle(self.client(key.tenant), job_id)
+
+    async def known(self, key: ApiKey, view: JobView) -> JobView:
+        """``view``, unless it is PENDING for an id Conveyor has no record of (never submitted, or
+        its results expired): 404, as for another tenant's."""
+        if view.state == "PENDING" and not await self.async_client(key.tenant).exists(view.id):
+            raise HTTPException(404, f"no job {view.id!r} for tenant {key.tenant!r}")
+        return view
 
     async def submit(self, spec: KindSpec, request: Request, key: ApiKey, callback_url: str | None) -> Accepted:
         if not key.may_submit(spec.name):
@@ -180,16 +189,16 @@ class Gateway:
         except ValueError as exc:  # the tenant's stamp: an id or key too long with its prefix
             raise _unprocessable(str(exc)) from None
 
-    async def wait(self, request: Request, handle: JobHandle, timeout: float) -> JobView:
-        deadline = time.monotonic() + min(timeout, self.settings.gateway_max_wait_s)
-        interval = POLL_FIRST_S
-        while True:
-            view = await run_in_threadpool(job_view, handle)
-            left = deadline - time.monotonic()
-            if view.done or left <= 0 or await request.is_disconnected():
-                return view
-            await asyncio.sleep(min(interval, left))
-            interval = min(interval * 1.5, POLL_MAX_S)
+    async def wait(self, key: ApiKey, handle: JobHandle, timeout: float) -> JobView:
+        """The job's view once it is done, or after ``timeout`` (cut to CONVEYOR_GATEWAY_MAX_WAIT_S):
+        the SDK's asyncio wait, a subscription to the job's result channel, no poll."""
+        try:
+            await (
+                self.async_client(key.tenant).job(handle.id).result_json(min(timeout, self.settings.gateway_max_wait_s))
+            )
+        except (TimeoutError, JobFailed):  # not done yet, or done without success: the view says which
+            pass
+        return await self.known(key, await run_in_threadpool(job_view, handle))
 
     def view(self, tenant: str, job_id: str) -> JobView:
         return job_view(JobHandle(self.client(tenant), job_id))
@@ -234,7 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await run_in_threadpool(gateway.close)
+            await gateway.close()
 
     app = FastAPI(
         title="Conveyor gateway",
@@ -271,22 +280,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(f"{API_PREFIX}/{{job_id}}", response_model=JobView, tags=["jobs"], responses=ERRORS)
     async def get_job(job_id: JobId, key: Key) -> JobView:
         """The job's state, and its result (or error) once it is done."""
-        return await run_in_threadpool(job_view, gateway.own_job(key, job_id))
+        return await gateway.known(key, await run_in_threadpool(job_view, gateway.own_job(key, job_id)))
 
     @app.get(f"{API_PREFIX}/{{job_id}}/wait", response_model=JobView, tags=["jobs"], responses=ERRORS)
     async def wait_job(
-        request: Request,
         job_id: JobId,
         key: Key,
         timeout: WaitTimeout = 30.0,
     ) -> JobView:
         """Long poll: answers as soon as the job is done, or after ``timeout`` with its state (``done`` false)."""
-        return await gateway.wait(request, gateway.own_job(key, job_id), timeout)
+        return await gateway.wait(key, gateway.own_job(key, job_id), timeout)
 
     @app.delete(f"{API_PREFIX}/{{job_id}}", status_code=202, response_model=Cancelled, tags=["jobs"], responses=ERRORS)
     async def cancel_job(job_id: JobId, key: Key) -> Cancelled:
         """Cancel: a queued job never runs (it ends REVOKED), a training job stops within seconds."""
         handle = gateway.own_job(key, job_id)
+        if not await gateway.async_client(key.tenant).exists(job_id):
+            raise HTTPException(404, f"no job {job_id!r} for tenant {key.tenant!r}")
         await run_in_threadpool(handle.cancel)
         return Cancelled(id=job_id)
 
