@@ -29,7 +29,6 @@ from shared.settings import Settings
 from workers.model_cache import ModelCache
 from workers.training.loop import ProgressFn, StopFn, TrainingOutcome
 
-CHUNK: Final = 64  # rows per prediction call: cancellation and progress are checked between them
 MAX_EVALUATIONS: Final = 50  # kept per version (the oldest dropped beyond)
 
 
@@ -58,6 +57,7 @@ class Evaluation(Protocol):
     # None when int8 dynamic quantization applies to this kind's models; else why it does not.
     int8_refusal: ClassVar[str | None]
     batch_sizes: ClassVar[tuple[int, ...]]  # the batch sizes a latency measurement tries
+    chunk_rows: ClassVar[int]  # rows per prediction call: what one call may hold in memory
 
     def read(self, path: Path, input_column: str, label_column: str, max_rows: int, job: EvaluationFields) -> Labelled:
         """The file's rows, checked (InvalidJob naming what is wrong)."""
@@ -118,12 +118,13 @@ def predict_all(
     data: Labelled,
     tick: Callable[[int], None],
 ) -> list[Any]:
-    """Predictions for every row, ``CHUNK`` rows a call; ``tick(rows done)`` between calls
-    (progress, and cancellation: it raises JobCancelled)."""
+    """Predictions for every row, the evaluation's ``chunk_rows`` a call; ``tick(rows done)``
+    between calls (progress, and cancellation: it raises JobCancelled)."""
     out: list[Any] = []
-    for start in range(0, len(data), CHUNK):
+    step = type(evaluation).chunk_rows
+    for start in range(0, len(data), step):
         tick(start)
-        out.extend(evaluation.predict(version, data.rows(start, start + CHUNK)))
+        out.extend(evaluation.predict(version, data.rows(start, start + step)))
     tick(len(data))
     return out
 

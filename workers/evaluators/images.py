@@ -35,6 +35,7 @@ class ImageEvaluation:
     default_columns: ClassVar[tuple[str, str]] = ("image", "label")
     int8_refusal: ClassVar[str | None] = NO_INT8
     batch_sizes: ClassVar[tuple[int, ...]] = (1, 4)
+    chunk_rows: ClassVar[int] = 16
 
     def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
         self.runner = ClassifyImageRunner(store, cache, device)

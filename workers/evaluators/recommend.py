@@ -27,6 +27,7 @@ class RecommendEvaluation:
     default_columns: ClassVar[tuple[str, str]] = ("user", "item")
     int8_refusal: ClassVar[str | None] = NO_INT8
     batch_sizes: ClassVar[tuple[int, ...]] = (1, 64)
+    chunk_rows: ClassVar[int] = 256
 
     def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
         self.runner = RecommendRunner(store, cache, device)

@@ -40,6 +40,7 @@ class TranscribeEvaluation:
     default_columns: ClassVar[tuple[str, str]] = ("audio", "text")
     int8_refusal: ClassVar[str | None] = None
     batch_sizes: ClassVar[tuple[int, ...]] = (1, 4)
+    chunk_rows: ClassVar[int] = 2  # a clip may be up to an hour of audio
 
     def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
         self.runner = TranscribeRunner(store, cache, device)

@@ -35,6 +35,7 @@ class ClassifyEvaluation:
     default_columns: ClassVar[tuple[str, str]] = ("text", "label")
     int8_refusal: ClassVar[str | None] = None
     batch_sizes: ClassVar[tuple[int, ...]] = (1, 8, 32, 64)
+    chunk_rows: ClassVar[int] = 64
 
     def __init__(self, store: ModelStore, cache: ModelCache, device: str) -> None:
         self.store, self.cache, self.device = store, cache, device
