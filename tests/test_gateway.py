@@ -194,7 +194,9 @@ def test_cancel_every_kind_before_a_worker_takes_it(
     conveyor_env: dict[str, str], redis_url: str, keys: KeyStore, tmp_path: Path
 ) -> None:
     """Every kind (training ones too) submitted with no worker on their queues, cancelled, then a
-    worker starts: each job ends REVOKED (JobCancelled), none runs, none stays PENDING."""
+    worker starts: each job ends REVOKED (JobCancelled), none runs, none stays PENDING. One job's
+    webhook, pending when its gateway is restarted, is delivered by the new one."""
+    receiver = Receiver()
     for url in empty_db(redis_url, IDLE_DB):
         env = gateway_env(conveyor_env, url, CONVEYOR_GATEWAY_MAX_WAIT_S="1")
         proc = GatewayProcess(env, tmp_path / "gateway.log")
@@ -207,7 +209,8 @@ def test_cancel_every_kind_before_a_worker_takes_it(
                     body = dict(INFERENCE_JOBS.get(name, spec.example))
                     if name == "classify-image":
                         body["images"] = [{"b64": png_b64()}]
-                    accepted = c.post(f"/v1/jobs/{name}", json=body)
+                    hook = {"callback_url": receiver.url} if name == "classify" else {}
+                    accepted = c.post(f"/v1/jobs/{name}", json=body, params=hook)
                     assert accepted.status_code == 202, (name, accepted.text)
                     ids[name] = accepted.json()["id"]
                 # A long poll is bounded by CONVEYOR_GATEWAY_MAX_WAIT_S (1 s here) however long it asks.
@@ -218,6 +221,9 @@ def test_cancel_every_kind_before_a_worker_takes_it(
                 for job_id in ids.values():
                     cancelled = c.delete(f"/v1/jobs/{job_id}")
                     assert cancelled.status_code == 202 and cancelled.json() == {"id": job_id, "cancelled": True}
+            proc.stop()  # the classify job's callback waits in Redis, not in this process
+            proc = GatewayProcess(env, tmp_path / "gateway-2.log")
+            with http(proc.url, key) as c:
                 worker = WorkerProcess(dict(conveyor_env, CONVEYOR_REDIS_URL=url), tmp_path / "worker.log")
                 try:
                     for name, job_id in ids.items():
@@ -227,11 +233,16 @@ def test_cancel_every_kind_before_a_worker_takes_it(
                             view = c.get(f"/v1/jobs/{job_id}/wait", params={"timeout": 1}).json()
                         assert view["state"] == "REVOKED", (name, view, worker.tail())
                         assert view["error"]["type"] == "JobCancelled", (name, view)
+                    receiver.wait(1)
+                    delivered = json.loads(receiver.calls[0][1])
+                    assert delivered["id"] == ids["classify"] and delivered["state"] == "REVOKED"
+                    assert verify(SECRET, receiver.calls[0][0][SIGNATURE_HEADER], receiver.calls[0][1])
                 finally:
                     worker.stop()
         finally:
             proc.stop()
             store.redis.close()
+            receiver.close()
     assert set(TRAINING_TYPES) <= set(KINDS)
 
 
