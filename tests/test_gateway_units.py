@@ -118,3 +118,20 @@ def test_conveyor_up_runs_the_gateway_as_a_supervised_child(tmp_path: Path, redi
     finally:
         stack.supervisor.stop()
     assert not child.alive()
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["gateway", "--help"], "CONVEYOR_GATEWAY_PORT"),
+        (["keys", "--help"], "revoke"),
+        (["keys", "add", "--help"], "--tenant"),
+    ],
+)
+def test_the_gateway_commands_have_help(args: list[str], shown: str) -> None:
+    from typer.testing import CliRunner
+
+    from producers.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and shown in result.output, result.output

@@ -68,7 +68,7 @@ def gateway(
     port: Annotated[int | None, typer.Option(help="Default CONVEYOR_GATEWAY_PORT.")] = None,
     address: Annotated[str | None, typer.Option(help="Default CONVEYOR_GATEWAY_ADDRESS (127.0.0.1).")] = None,
 ) -> None:
-    """Serve the HTTP gateway: POST /v1/jobs/TYPE, GET /v1/jobs/ID[/wait], DELETE /v1/jobs/ID; docs at /docs."""
+    """Serve the HTTP gateway: POST /v1/jobs/TYPE, GET /v1/jobs/ID and its /wait, DELETE /v1/jobs/ID; docs at /docs."""
     serve(Settings(), port, address)
 
 
