@@ -45,6 +45,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s, **sentinel},
         "broker_connection_retry_on_startup": True,
+        # A result written while Redis is away (a failover: ~3 s; a restart) is retried, not lost:
+        # without this Celery's worker logs "Exception raised outside body", acknowledges the job
+        # and its result never exists. 0.1 s doubling to 2 s, 30 times: about a minute.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "task_routes": {TASKS[t]: {"queue": QUEUES[t]} for t in TASKS},
         # Flower shows jobs from the moment they are queued.
         "task_send_sent_event": True,

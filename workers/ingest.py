@@ -78,7 +78,7 @@ HANDED_OFF: Any = object()
 # they are served (interactive, then bulk), and their queues are written into the script
 # (``pop_script``): packing 60 key names into every call cost more than the pop itself.
 # ARGV: most interactive messages, now, how many of the lists are interactive, most bulk
-# messages.
+# messages, how many interactive queues (the lists of one priority level).
 # Returns four elements per message: its tag, the message, the index (1-based) of the list it
 # came from, and a reason. A reason other than "" means the message was not filed but
 # dead-lettered at intake (then the tag is the dead letter's id).
@@ -240,40 +240,49 @@ local function take(m, li)
   return true
 end
 
--- One EXISTS over every list first: a look at empty queues costs Redis two commands, not one
--- RPOP per list (9 kinds x 10 priorities, interactive and bulk: ~140 lists).
-if redis.call('EXISTS', unpack(LISTS)) == 0 then return out end
-
 local interactive = tonumber(ARGV[3])
 local nbulk = tonumber(ARGV[4])
+local per_level = tonumber(ARGV[5]) or 1  -- interactive queues: the lists of one priority level
+-- How many lists hold messages: one EXISTS over the interactive lists and one over the bulk ones.
+-- An idle look ends here (three commands, not one RPOP per list: 7 kinds x 10 priorities, twice);
+-- a busy one skips each priority level where no list holds any (one EXISTS over the level) and
+-- stops after the last list that does.
+local left = redis.call('EXISTS', unpack(LISTS, 1, interactive))
+local bulk_left = 0
+if nlists > interactive then bulk_left = redis.call('EXISTS', unpack(LISTS, interactive + 1, nlists)) end
+if left == 0 and bulk_left == 0 then return out end
+
 local taken = 0
-for i = 1, interactive do
-  local want = n - taken
-  if want <= 0 then break end
-  local got = redis.call('RPOP', LISTS[i], want)
-  if got then
-    for _, m in ipairs(got) do
-      if take(m, i) then taken = taken + 1 end
+local i = 1
+while i <= interactive and left > 0 and taken < n do
+  local last = math.min(i + per_level - 1, interactive)
+  if per_level == 1 or redis.call('EXISTS', unpack(LISTS, i, last)) > 0 then
+    for j = i, last do
+      if left <= 0 or taken >= n then break end
+      local got = redis.call('RPOP', LISTS[j], n - taken)
+      if got then
+        left = left - 1
+        for _, m in ipairs(got) do
+          -- false: deferred onto a later list, which may have been empty
+          if take(m, j) then taken = taken + 1 else left = left + 1 end
+        end
+      end
     end
   end
+  i = last + 1
 end
 -- Bulk messages (many rows each) only when no interactive job waits.
-if nbulk > 0 and taken == 0 then
-  local waiting = false
-  if n <= 0 then
-    for i = 1, interactive do
-      if redis.call('EXISTS', LISTS[i]) == 1 then waiting = true break end
+if nbulk > 0 and taken == 0 and bulk_left > 0 and not (n <= 0 and left > 0) then
+  for i = interactive + 1, nlists do
+    if nbulk <= 0 or bulk_left <= 0 then break end
+    local had = false
+    while nbulk > 0 do
+      local m = redis.call('RPOP', LISTS[i])
+      if not m then break end
+      had = true
+      if take(m, i) then nbulk = nbulk - 1 else bulk_left = bulk_left + 1 end
     end
-  end
-  if not waiting then
-    for i = interactive + 1, nlists do
-      while nbulk > 0 do
-        local m = redis.call('RPOP', LISTS[i])
-        if not m then break end
-        if take(m, i) then nbulk = nbulk - 1 end
-      end
-      if nbulk <= 0 then break end
-    end
+    if had then bulk_left = bulk_left - 1 end
   end
 end
 return out
@@ -440,6 +449,7 @@ class Ingest:
         self._accept = accept  # False: take nothing now (a training worker whose Celery side is busy)
         self._lists = served_lists(queues, bulk_queues)
         self._interactive = len(queues) * len(CELERY_PRIORITIES)
+        self._per_level = max(1, len(queues))
         self._bulk_queues = frozenset(bulk_queues)
         self._keys = [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, DEAD_LETTER_ORDER_KEY]
         self._pop = client.register_script(pop_script(self._lists))
@@ -624,7 +634,7 @@ class Ingest:
         # Ask for as many messages as the room holds at the recent items per message; a pop
         # that brings more items than that is trimmed in ``_dispatch``.
         want = max(1, int(room / self._items_per_message)) if room > 0 else 0
-        args: list[str | int | float] = [want, time.time(), self._interactive, max(0, bulk_room)]
+        args: list[str | int | float] = [want, time.time(), self._interactive, max(0, bulk_room), self._per_level]
         raw = self._pop(keys=self._keys, args=args)
         popped = []
         for i in range(0, len(raw), 4):

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Task
 
 from shared import kinds
@@ -70,7 +71,11 @@ def run_long_job(task: Task, job: JobBase, runtime: Runtime, worker: str) -> Tra
     progress = ProgressReporter(task)
 
     def should_stop() -> bool:
-        return bool(client.exists(cancel_key))
+        try:
+            return bool(client.exists(cancel_key))
+        except redis.RedisError as exc:  # Redis away (a failover, a restart): train on, ask again next time
+            log.warning("job %s: could not look for a cancel (%s: %s); going on", job.id, type(exc).__name__, exc)
+            return False
 
     trainer = _trainer(job)
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,10 @@ class ProgressReporter:
 
     def __call__(self, p: Progress) -> None:
         fields = p.model_dump(mode="json")
-        self.task.update_state(state="PROGRESS", meta=fields)
+        try:  # the backend retries through a failover (result_backend_always_retry); past that, train on
+            self.task.update_state(state="PROGRESS", meta=fields)
+        except Exception as exc:
+            log.warning("could not record the progress of job %s: %s", self.task.request.id, exc)
         now = time.monotonic()
         if not self._events or now - self._last_event < PROGRESS_EVENT_EVERY_S:
             return
