@@ -696,6 +696,10 @@ def main() -> None:
         from bench_idle import main as bench_idle
 
         sys.exit(bench_idle(sys.argv[2:]))
+    if sys.argv[1:2] == ["capacity"]:  # Redis's cost per job of each kind, and its saturation: bench_capacity.py
+        from bench_capacity import main as bench_capacity
+
+        sys.exit(bench_capacity(sys.argv[2:]))
     if sys.argv[1:2] == ["sentinel"]:  # WAIT's cost, and a failover under load: scripts/bench_sentinel.py
         from bench_sentinel import main as bench_sentinel
 
@@ -705,7 +709,8 @@ def main() -> None:
 
         sys.exit(bench_commands(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benches = ["classify", "transcribe", "recommend", "overhead", "score", "commands", "kind", "idle", "sentinel"]
+    benches = ["classify", "transcribe", "recommend", "overhead", "score", "commands", "kind"]
+    benches += ["idle", "sentinel", "capacity"]  # dispatched above; listed for --help
     parser.add_argument("kind", choices=benches)
     parser.add_argument("name", nargs="?", default="sentiment", help="with kind: a kind whose items are texts")
     parser.add_argument("--rounds", type=int, default=3)
