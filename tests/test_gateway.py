@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -83,8 +84,19 @@ def gateway_env(base: dict[str, str], redis_url: str, **extra: str) -> dict[str,
     }  # fmt: skip
 
 
+def enough_descriptors(needed: int = 4096) -> None:
+    """A thousand connections at once need more file descriptors than a default soft limit of 1,024
+    (this process's and the gateway's, which inherits it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard)
+        )
+
+
 @pytest.fixture(scope="module")
 def gateway(conveyor_env: dict[str, str], redis_url: str, worker: Any, tmp_path_factory: Any) -> Iterator[str]:
+    enough_descriptors()
     proc = GatewayProcess(gateway_env(conveyor_env, redis_url), tmp_path_factory.mktemp("gw") / "gateway.log")
     yield proc.url
     proc.stop()
