@@ -439,6 +439,9 @@ class Exporter:
         self.app.conf.update(celery_config(settings))
         self.registry = CollectorRegistry()
         self.registry.register(RedisCollector(self.redis, settings.metrics_forget_worker_s))
+        from producers.tenancy.metrics import TenantCollector  # per tenant: bounded by MAX_TENANTS
+
+        self.registry.register(TenantCollector(self.redis, settings))
         self.events = CeleryEvents(
             self.app,
             self.registry,

@@ -356,6 +356,10 @@ def _on_outcome(entry: Any, outcome: Any) -> None:
     if entry is not None and outcome.state:
         queue_s = max(0.0, entry.received - entry.job.submitted_at.timestamp())
         metrics.job(entry.job_type, outcome.state, queue_s, outcome.runtime)
+    elif outcome.state:  # ended before it ran (invalid, expired, cancelled first): counted, run time 0
+        kind = _kind_of(outcome.env.task)  # only the registry's kinds: the label stays bounded
+        if kind is not None:
+            metrics.job(kind, outcome.state, None, 0.0)
 
 
 def _log_outcome(entry: Any, outcome: Any) -> None:
