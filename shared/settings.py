@@ -128,8 +128,8 @@ class Settings(BaseSettings):
         ge=0.5,
         le=1000.0,
         description="When an idle worker polls (CONVEYOR_WAKEUP=poll, or a Redis without keyspace notifications): "
-        "the longest wait between two looks at its queues, each two Redis commands; the most it adds to a lone "
-        "job's latency.",
+        "the longest wait between two looks at its queues, each three Redis commands; the most it adds to a "
+        "lone job's latency.",
     )
     prefetch_items: int = Field(
         default=0,
