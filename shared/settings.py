@@ -234,7 +234,7 @@ class Settings(BaseSettings):
     )
     metrics_generic_sent_hostname: bool = Field(
         default=False,
-        description="Count task-sent events under hostname=\"generic\" (celery-exporter's "
+        description='Count task-sent events under hostname="generic" (celery-exporter\'s '
         "--generic-hostname-task-sent-metric), not each producer's host: one series per task for many producer hosts.",
     )
     metrics_forget_worker_s: float = Field(
