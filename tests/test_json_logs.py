@@ -54,7 +54,9 @@ def _final(r: redis.Redis, job_id: str, timeout: float) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_json_logs_of_a_whole_stack_with_failures_of_every_kind(tmp_path: Path) -> None:
+def test_json_logs_of_a_whole_stack_with_failures_of_every_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(
@@ -72,10 +74,11 @@ def test_json_logs_of_a_whole_stack_with_failures_of_every_kind(tmp_path: Path) 
         while not (home / "up.ready").exists() and time.monotonic() < end and up.poll() is None:
             time.sleep(0.3)
         assert (home / "up.ready").exists(), up.communicate()[0] if up.poll() is not None else "not ready"
-        os.environ.pop("CONVEYOR_REDIS_URL", None)
+        # This process reads the stack's recorded URL (restored after the test: later tests use the session's).
+        monkeypatch.delenv("CONVEYOR_REDIS_URL", raising=False)
         from producers.client import Client
 
-        os.environ["CONVEYOR_HOME"] = str(home)
+        monkeypatch.setenv("CONVEYOR_HOME", str(home))
         sdk = Client()
         r = sdk.redis
         sdk.wait_for_workers(120, ["conveyor.classify"])
@@ -118,7 +121,6 @@ def test_json_logs_of_a_whole_stack_with_failures_of_every_kind(tmp_path: Path) 
     finally:
         up.send_signal(signal.SIGINT)
         out, _ = up.communicate(timeout=120)
-        os.environ.pop("CONVEYOR_HOME", None)
     assert up.returncode == 0, out[-3000:]
 
     logs = home / "logs"

@@ -101,7 +101,10 @@ class ResultWrites:
 
     def __init__(self, redis_url: str) -> None:
         self.redis = redis.Redis.from_url(redis_url)
-        self.redis.config_set("notify-keyspace-events", "K$")  # keyspace events of string commands
+        # Keyspace events of string commands, added to what is on: the workers' wake-up needs the
+        # list events (Kl) that the session's Redis runs with.
+        self.saved = str(self.redis.config_get("notify-keyspace-events")["notify-keyspace-events"])
+        self.redis.config_set("notify-keyspace-events", "".join(sorted(set(self.saved) | {"K", "$"})))
         self.writes: Counter[str] = Counter()
         self.pubsub = self.redis.pubsub()
         self.pubsub.psubscribe(**{"__keyspace@*__:celery-task-meta-score-*": self._on_event})
@@ -115,7 +118,7 @@ class ResultWrites:
         self.thread.stop()
         self.thread.join(5)
         self.pubsub.close()
-        self.redis.config_set("notify-keyspace-events", "")
+        self.redis.config_set("notify-keyspace-events", self.saved)
         self.redis.close()
 
 

@@ -30,6 +30,9 @@ def size_of(obj: Any) -> int:
     return total
 
 
+_LOADING = threading.RLock()
+
+
 class ModelCache:
     def __init__(self, max_bytes: int, sizer: Callable[[Any], int] = size_of) -> None:
         self.max_bytes = max_bytes
@@ -42,7 +45,12 @@ class ModelCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key][0]
-        value = load()  # outside the lock: loading is slow; the batching thread is the only loader
+        # Outside the cache's lock (loading is slow), but one load at a time in the process:
+        # transformers builds a model on the meta device and patches torch.nn globally while it
+        # does, so two kinds' batchers loading at once (a cold worker given jobs of every kind)
+        # failed with "Cannot copy out of meta tensor". Re-entrant: a load may load another model.
+        with _LOADING:
+            value = load()
         size = self._sizer(value)
         with self._lock:
             self._entries[key] = (value, size)
