@@ -19,12 +19,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_commands  # noqa: E402
 
 from producers.local_redis import LocalRedis  # noqa: E402
 from shared.metrics_keys import FLUSHES_KEY  # noqa: E402
@@ -34,13 +36,7 @@ _OURS = ("info", "config|resetstat", "config|get", "config")
 
 
 def commandstats(r: redis.Redis) -> dict[str, int]:
-    stats: Any = r.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items() if name not in _OURS}
-
-
-def redis_cpu(r: redis.Redis) -> float:
-    info: Any = r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return {name: calls for name, calls in bench_commands.commandstats(r).items() if name not in _OURS}
 
 
 def start_workers(url: str, home: Path, n: int, wakeup: str, only: str) -> list[subprocess.Popen[bytes]]:
@@ -113,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                         wait_serving(r, n)
                         time.sleep(3.0)  # start-up writes settle
                         r.config_resetstat()
-                        cpu0 = redis_cpu(r)
+                        cpu0 = bench_commands._redis_cpu(r)
                         time.sleep(args.idle_s)
                         stats = commandstats(r)
-                        used = redis_cpu(r) - cpu0
+                        used = bench_commands._redis_cpu(r) - cpu0
                         idle.setdefault((variant, n), []).append(sum(stats.values()) / args.idle_s / n)
                         cpu.setdefault((variant, n), []).append(used / args.idle_s / n * 100)
                         breakdown[(variant, n)] = stats

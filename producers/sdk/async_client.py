@@ -31,9 +31,9 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from producers.client import Client, JobLike
-from producers.sdk.outcomes import JobStatus, Meta, decode, is_ready, outcome, result_json, status_from_meta, typed
+from producers.sdk.outcomes import JobStatus, Meta, decode, is_ready, result_json, status_from_meta, typed
 from producers.sdk.redis_async import async_redis_client
-from producers.sdk.waiting import CHUNK, RECHECK_S, UNKNOWN_CHECKS, JobsNotFinished, not_finished
+from producers.sdk.waiting import CHUNK, RECHECK_S, UNKNOWN_CHECKS, JobsNotFinished, collected, not_finished
 from shared.errors import JobFailed
 from shared.names import JOB_ID_KEY_PREFIX
 from shared.settings import Settings
@@ -285,14 +285,7 @@ class AsyncClient:
         handles = list(handles)
         async for _ in self.as_completed(handles, timeout):
             pass
-        results: list[BaseModel | JobFailed] = []
-        for handle in handles:
-            assert handle._ready is not None
-            result = outcome(handle.id, handle.type, handle._ready)
-            if isinstance(result, JobFailed) and not return_exceptions:
-                raise result
-            results.append(result)
-        return results
+        return collected(handles, return_exceptions)
 
     async def cancel(self, job_id: str) -> None:
         """``Client.cancel`` (the flag, and Celery's revoke broadcast), off the loop."""

@@ -146,6 +146,12 @@ def wait_all(
 ) -> list[BaseModel | JobFailed]:
     for _ in as_completed(client, handles, timeout):
         pass
+    return collected(handles, return_exceptions)
+
+
+def collected(handles: Sequence[Any], return_exceptions: bool) -> list[BaseModel | JobFailed]:
+    """Finished handles' typed results, in order (sync and async handles alike); the first
+    failure raises unless ``return_exceptions``."""
     outcomes: list[BaseModel | JobFailed] = []
     for handle in handles:
         assert handle._ready is not None
